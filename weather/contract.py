@@ -1,0 +1,111 @@
+"""The weather classifier's labels and the input contract of its ONNX graph.
+
+Torch-free on purpose: the ONNX service, the model importer and the benchmark all
+import this, and the ONNX service must not pull in torch.
+
+The split of work between code and graph:
+
+* before the graph (service code): decode to RGB, resize the shorter side to 256
+  with Pillow's bilinear filter (which antialiases), center-crop 224x224, and hand
+  the graph the uint8 pixels as NHWC;
+* inside the graph: cast to float32, scale by 1/255, normalize with the ImageNet
+  mean/std, transpose to NCHW, run MobileNetV3-small, softmax.
+
+The steps before the graph are exactly what torchvision's
+``MobileNet_V3_Small_Weights.DEFAULT.transforms()`` does to a PIL image, so the
+uint8 pixels are bit-identical to the reference pipeline's and only float math
+differs. The Rust service reads the same contract from the model's metadata.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+LABELS = (
+    "dew",
+    "fogsmog",
+    "frost",
+    "glaze",
+    "hail",
+    "lightning",
+    "rain",
+    "rainbow",
+    "rime",
+    "sandstorm",
+    "snow",
+)
+
+RESIZE_SHORTER_SIDE = 256
+CROP_SIZE = 224
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+INPUT_NAME = "pixels"
+LOGITS_NAME = "logits"
+PROBABILITIES_NAME = "probabilities"
+
+# Written into every model's metadata; the services read it from there.
+INPUT_CONTRACT = {
+    "version": 1,
+    "input": {
+        "name": INPUT_NAME,
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "shape": ["batch", CROP_SIZE, CROP_SIZE, 3],
+        "color": "RGB",
+    },
+    "outputs": {
+        LOGITS_NAME: {"dtype": "float32", "shape": ["batch", len(LABELS)]},
+        PROBABILITIES_NAME: {"dtype": "float32", "shape": ["batch", len(LABELS)]},
+    },
+    "before_graph": {
+        "convert": "RGB (grayscale, palette, RGBA, CMYK are converted)",
+        "resize": {
+            "shorter_side": RESIZE_SHORTER_SIDE,
+            "longer_side": "floor(shorter_side * long / short)",
+            "filter": "bilinear",
+            "antialias": True,
+            "reference": "PIL.Image.resize(size, Image.BILINEAR)",
+        },
+        "center_crop": {
+            "height": CROP_SIZE,
+            "width": CROP_SIZE,
+            "top": "round_half_even((height - 224) / 2)",
+            "left": "round_half_even((width - 224) / 2)",
+        },
+    },
+    "in_graph": {
+        "cast": "float32",
+        "scale": 1 / 255,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "transpose": "NHWC -> NCHW",
+        "softmax": True,
+    },
+}
+
+
+def resized_size(width: int, height: int) -> tuple[int, int]:
+    """Size after scaling the shorter side to 256, as torchvision computes it."""
+    short, long = sorted((width, height))
+    new_long = int(RESIZE_SHORTER_SIDE * long / short)
+    if width <= height:
+        return RESIZE_SHORTER_SIDE, new_long
+    return new_long, RESIZE_SHORTER_SIDE
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the 224x224 center crop, as torchvision rounds it."""
+    left = int(round((width - CROP_SIZE) / 2.0))
+    top = int(round((height - CROP_SIZE) / 2.0))
+    return left, top, left + CROP_SIZE, top + CROP_SIZE
+
+
+def prepare_pixels(image: Image.Image) -> np.ndarray:
+    """The graph's input for one RGB image: uint8, shape (224, 224, 3)."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode}")
+    resized = image.resize(resized_size(*image.size), Image.BILINEAR)
+    cropped = resized.crop(center_crop_box(*resized.size))
+    return np.asarray(cropped, dtype=np.uint8)
