@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportFailure as failure:
         print(f"model_import: error: {failure}", file=sys.stderr)
         return 1
+    import bentoml
+
     for model in models:
-        print(f"{model.tag}  {model.path}")
+        print(f"{model.tag}  {bentoml.models.get(model.tag).path}")
     return 0
 
 
