@@ -1,0 +1,34 @@
+"""Everything the services read from the environment, read once at import.
+
+The names are the Rust service's where they mean the same thing, so one set of
+variables configures any of the three services:
+
+    WORKERS          worker processes; default one per CPU core (BentoML's "cpu_count",
+                     which respects a cgroup CPU quota). BentoML's own
+                     BENTOML_CONFIG_OPTIONS='services.OnnxClassifier.workers=N' overrides it.
+    WORKER_THREADS   requests one worker decodes and runs at the same time (default 1)
+    INTRA_THREADS    ONNX Runtime intra-op threads / torch threads, per worker (default 1)
+    MAX_BODY_BYTES   larger request bodies get 413 (default 16 MiB, the contract's limit)
+    MAX_PIXELS       larger images get 400, judged from the header (default 40,000,000)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer from the environment; unset or empty means ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdecimal() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+WORKERS: int | str = env_int("WORKERS", 0) or "cpu_count"
+WORKER_THREADS = env_int("WORKER_THREADS", 1)
+INTRA_THREADS = env_int("INTRA_THREADS", 1)
+MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 16 * 1024 * 1024)
+MAX_PIXELS = env_int("MAX_PIXELS", 40_000_000)

@@ -1,0 +1,52 @@
+"""Fixtures of the contract suite: which targets, their base URL, a client, the reference."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from .images import Reference
+from .launchers import LAUNCHERS, free_port, wait_ready
+
+EXTERNAL = "external"
+
+
+def selected_targets() -> list[str]:
+    if os.environ.get("CONTRACT_BASE_URL"):
+        return [EXTERNAL]
+    names = [name.strip() for name in os.environ.get("CONTRACT_TARGETS", "").split(",") if name.strip()]
+    unknown = sorted(set(names) - set(LAUNCHERS))
+    if unknown:
+        raise pytest.UsageError(f"CONTRACT_TARGETS: unknown {unknown}; known: {sorted(LAUNCHERS)}")
+    return names or list(LAUNCHERS)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Session scope: pytest runs all tests of one target, stops it, then starts the next.
+    if "target" in metafunc.fixturenames:
+        metafunc.parametrize("target", selected_targets(), scope="session")
+
+
+@pytest.fixture(scope="session")
+def base_url(target: str) -> Iterator[str]:
+    if target == EXTERNAL:
+        url = os.environ["CONTRACT_BASE_URL"].rstrip("/")
+        wait_ready(url, timeout=float(os.environ.get("CONTRACT_READY_TIMEOUT", "60")))
+        yield url
+        return
+    with LAUNCHERS[target](free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=120.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def reference() -> Reference:
+    return Reference()
