@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.error
-import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from benchmark.services import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def wait_for_port(port: int, timeout_s: float, process=None) -> None:

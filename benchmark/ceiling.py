@@ -1,0 +1,68 @@
+"""The ceiling: a request's work (JSON, base64, decode, preprocess, inference, JSON) done in-process.
+
+    taskset -c 0 python -m benchmark.ceiling --runtime onnx --seconds 10 [--payload FILE]
+
+Runs the services' own pipeline (bentos/common.py ``Pipeline.predict``) on one thread,
+as fast as it can, and prints one JSON line. A service's throughput divided by this
+shows what its serving layer costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# One thread everywhere, like a service worker with one intra-op thread.
+for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[variable] = "1"
+
+
+def pipeline(runtime: str):
+    """The service's own request pipeline (``Pipeline.predict``: body in, response out)."""
+    import bentoml
+
+    if runtime == "onnx":
+        from bentos.onnx_service import MODEL_TAG, load_pipeline
+    else:
+        from bentos.torch_service import MODEL_TAG, load_pipeline
+    return load_pipeline(bentoml.models.get(MODEL_TAG))
+
+
+RUNTIMES = ("onnx", "torch")
+
+
+def measure(runtime: str, payload: bytes, seconds: float) -> dict:
+    service_pipeline = pipeline(runtime)
+
+    def predict(body: bytes) -> str:
+        return json.dumps(service_pipeline.predict(body))
+
+    for _ in range(5):  # warm-up
+        predict(payload)
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        predict(payload)
+        count += 1
+    return {"runtime": runtime, "requests": count, "seconds": round(elapsed, 3), "rps": round(count / elapsed, 2),
+            "mean_ms": round(1000 * elapsed / count, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmark.payload import load_payload
+
+    parser = argparse.ArgumentParser(prog="python -m benchmark.ceiling", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime", choices=RUNTIMES, required=True)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--payload", type=Path, help="JSON payload or image (default: the benchmark payload)")
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.runtime, load_payload(args.payload), args.seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

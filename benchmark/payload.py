@@ -1,0 +1,72 @@
+"""The benchmark's request body, shaped like the original project's.
+
+The original sent one 1200x727 baseline JPEG at quality 75 (~232 KB, ~310 KB as
+base64 JSON). No such photo can be downloaded here, so the default payload is
+made deterministically from a real photo that ships in matplotlib's wheel,
+cropped to the same aspect ratio and resized to the same size.
+Users can pass their own JSON payload or JPEG/PNG image instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from weather.photos import photo_paths
+
+WIDTH, HEIGHT = 1200, 727
+JPEG_QUALITY = 75
+SOURCE_PHOTO = "grace_hopper"
+
+
+def default_payload_path() -> Path:
+    from model_import.demo import cache_root
+
+    return cache_root() / f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}.json"
+
+
+def benchmark_jpeg() -> bytes:
+    """The default payload's JPEG: a real photo at the original's size and quality."""
+    photo = Image.open(photo_paths()[SOURCE_PHOTO]).convert("RGB")
+    # Center-crop to 1200:727, then scale up to exactly 1200x727.
+    target_ratio = WIDTH / HEIGHT
+    width, height = photo.size
+    crop_height = round(width / target_ratio)
+    if crop_height <= height:
+        top = (height - crop_height) // 2
+        photo = photo.crop((0, top, width, top + crop_height))
+    else:
+        crop_width = round(height * target_ratio)
+        left = (width - crop_width) // 2
+        photo = photo.crop((left, 0, left + crop_width, height))
+    buffer = io.BytesIO()
+    photo.resize((WIDTH, HEIGHT), Image.LANCZOS).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def payload_for_image(image_bytes: bytes) -> bytes:
+    return json.dumps({"image": base64.b64encode(image_bytes).decode("ascii")}).encode()
+
+
+def load_payload(path: str | Path | None = None) -> bytes:
+    """The request body: from a .json payload, a JPEG/PNG image, or (default) the generated one."""
+    if path is None:
+        default = default_payload_path()
+        if not default.exists():
+            default.parent.mkdir(parents=True, exist_ok=True)
+            staging = default.with_suffix(".tmp")
+            staging.write_bytes(payload_for_image(benchmark_jpeg()))
+            staging.rename(default)
+        return default.read_bytes()
+    data = Path(path).read_bytes()
+    if Path(path).suffix.lower() == ".json":
+        body = json.loads(data)
+        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+            raise ValueError(f'{path}: expected a JSON object {{"image": "<base64>"}}')
+        return data
+    Image.open(io.BytesIO(data)).verify()  # fail here, not as 400s under load
+    return payload_for_image(data)
