@@ -7,11 +7,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+CARGO := cd rust_service && cargo
+
 export BENTOML_DO_NOT_TRACK := 1
 
-.PHONY: setup run test clean
+.PHONY: setup system-deps rust rust-check run test clean
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) rust
 
 # Bytecode is compiled at install time: with PYTHONDONTWRITEBYTECODE set, every run
 # would otherwise recompile torch from source (about 12 s).
@@ -22,11 +25,25 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --editable '.[test]'
 	touch $@
 
+# The Rust service links Debian's libjpeg-turbo statically (pixel-exact with Pillow).
+system-deps:
+	@dpkg -s libjpeg62-turbo-dev >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libjpeg62-turbo-dev; }
+
+# The service and its in-process ceiling (for the benchmark).
+rust: system-deps
+	$(CARGO) build --release --locked --bin rust_service --example ceiling
+
+rust-check: rust
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) test --release --locked
+
 run: setup
 	$(BIN)/python -m model_import demo
 
-test: setup
+test: setup rust-check
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results rust_service/target

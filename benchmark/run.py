@@ -24,7 +24,8 @@ import psutil
 from benchmark.measure import ResourceSampler, run_locust, startup_times
 from benchmark.payload import load_payload
 from benchmark.services import (
-    REPO, RUST_BINARY, SERVICES, Running, ServiceFailed, check_prediction, free_port, image_size_mb,
+    REPO, RUST_BINARY, RUST_CEILING, SERVICES, Running, ServiceFailed, check_prediction, free_port, image_size_mb,
+    onnxruntime_library,
 )
 
 READY_TIMEOUT_S = 180
@@ -215,13 +216,17 @@ def measure_service(name: str, settings: Settings, out: Path, payload: bytes, pa
 
 def measure_ceiling(runtime: str, settings: Settings, payload_path: Path) -> dict:
     cpu = settings.service_cpus.split(",")[0]
+    env = dict(os.environ)
     if runtime == "rust":
-        command = [str(RUST_BINARY), "bench", "--payload", str(payload_path), "--seconds", str(settings.ceiling_s)]
+        if not RUST_CEILING.exists():
+            return {"error": f"{RUST_CEILING} not found: `cargo build --release --example ceiling` in rust_service/"}
+        command = [str(RUST_CEILING), str(payload_path), str(settings.ceiling_s)]
+        env["ORT_DYLIB_PATH"] = onnxruntime_library()
     else:
         command = [sys.executable, "-m", "benchmark.ceiling", "--runtime", runtime,
                    "--payload", str(payload_path), "--seconds", str(settings.ceiling_s)]
-    result = subprocess.run(["taskset", "--cpu-list", cpu, *command], cwd=REPO, capture_output=True, text=True,
-                            timeout=settings.ceiling_s + 180)
+    result = subprocess.run(["taskset", "--cpu-list", cpu, *command], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=settings.ceiling_s + 180)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(result.stdout.strip().splitlines()[-1])

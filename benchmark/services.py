@@ -21,6 +21,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 RUST_BINARY = REPO / "rust_service" / "target" / "release" / "rust_service"
+RUST_CEILING = REPO / "rust_service" / "target" / "release" / "examples" / "ceiling"
 CONTAINER_PORT = 3000
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from typing import ContextManager
 
 import httpx
 
+from benchmark.services import RUST_BINARY, free_port, onnxruntime_library  # noqa: F401  (free_port re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 
 Launcher = Callable[[int], ContextManager[str]]
@@ -39,12 +40,6 @@ Launcher = Callable[[int], ContextManager[str]]
 
 class LaunchError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(base_url: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -122,8 +117,17 @@ def bentoml_serve(service: str, env: dict[str, str] | None = None) -> Launcher:
     )
 
 
+def rust_binary(port: int) -> ContextManager[str]:
+    """The Rust service's release binary (`cargo build --release` in rust_service/)."""
+    if not RUST_BINARY.exists():
+        raise LaunchError(f"{RUST_BINARY} is missing: run `cargo build --release --locked` in rust_service/")
+    argv = [str(RUST_BINARY), "--host", "127.0.0.1", "--port", str(port)]
+    return run_process(argv, port, env={"ORT_DYLIB_PATH": onnxruntime_library()}, ready_timeout=60)
+
+
 # Name -> launcher; CONTRACT_TARGETS picks some of them (default: all).
 LAUNCHERS: dict[str, Launcher] = {
     "bentoml-onnx": bentoml_serve("bentos.onnx_service:OnnxClassifier"),
     "bentoml-torch": bentoml_serve("bentos.torch_service:TorchClassifier"),
+    "rust": rust_binary,
 }

@@ -1,0 +1,90 @@
+//! In-process cost of one request's CPU work on this thread, without HTTP: decode,
+//! resize + crop, and the whole predict (decode + resize + crop + ONNX Runtime).
+//!
+//! cargo run --release --example inprocess_bench -- IMAGE [MODEL_DIR] [SECONDS]
+//! (ORT_DYLIB_PATH must point at libonnxruntime.so.1.*; MODEL_DIR defaults to the store's
+//! latest weather-onnx.)
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rust_service::infer::Predictor;
+use rust_service::model::ModelSpec;
+use rust_service::preprocess::{self, RgbImage, Scratch, INPUT_LEN};
+
+fn time_it(name: &str, budget: Duration, mut f: impl FnMut()) {
+    f();
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < budget {
+        let t = Instant::now();
+        f();
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    samples.sort_by(f64::total_cmp);
+    let total: f64 = samples.iter().sum();
+    println!(
+        "{name:28} n={:5}  median {:7.3} ms  p10 {:7.3} ms  mean {:7.3} ms  -> {:6.1} per second",
+        samples.len(),
+        samples[samples.len() / 2],
+        samples[samples.len() / 10],
+        total / samples.len() as f64,
+        samples.len() as f64 / (total / 1e3)
+    );
+}
+
+fn main() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let image_path = args
+        .next()
+        .ok_or("usage: inprocess_bench IMAGE [MODEL_DIR] [SECONDS]")?;
+    let model_dir = match args.next().filter(|s| !s.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var("BENTOML_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join("bentoml")
+                });
+            let store = home.join("models/weather-onnx");
+            let version =
+                std::fs::read_to_string(store.join("latest")).map_err(|e| e.to_string())?;
+            store.join(version.trim())
+        }
+    };
+    let seconds: f64 = args
+        .next()
+        .map_or(Ok(5.0), |s| s.parse())
+        .map_err(|e| format!("{e}"))?;
+    let budget = Duration::from_secs_f64(seconds);
+
+    let bytes = std::fs::read(&image_path).map_err(|e| format!("{image_path}: {e}"))?;
+    let dylib = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into());
+    ort::init_from(&dylib)
+        .map_err(|e| format!("{dylib}: {e}"))?
+        .commit();
+    let spec = ModelSpec::load(&model_dir)?;
+    let model_bytes = std::fs::read(&spec.onnx_path).map_err(|e| e.to_string())?;
+    let mut predictor = Predictor::new(&spec, &model_bytes, 1, 40_000_000)?;
+
+    let mut image = RgbImage::default();
+    preprocess::decode_rgb(&bytes, 40_000_000, &mut image).map_err(|e| e.to_string())?;
+    println!(
+        "{image_path}: {}x{}, {} bytes",
+        image.width,
+        image.height,
+        bytes.len()
+    );
+    time_it("decode", budget, || {
+        preprocess::decode_rgb(&bytes, 40_000_000, &mut image).expect("decodes");
+    });
+    let mut scratch = Scratch::default();
+    let mut input = vec![0u8; INPUT_LEN];
+    time_it("resize + crop", budget, || {
+        preprocess::resize_and_crop(&image, &mut scratch, &mut input);
+    });
+    time_it("predict (all of the above + ORT)", budget, || {
+        predictor.predict(&bytes).expect("predicts");
+    });
+    Ok(())
+}

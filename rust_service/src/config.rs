@@ -1,0 +1,167 @@
+use std::net::IpAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+
+/// Weather classifier inference service: the `weather-onnx` model behind the same HTTP
+/// contract as the BentoML services (POST /predict, GET /livez, /readyz, /metrics).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rust_service", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// BentoML model directory holding model.yaml and model.onnx. A model's parent
+    /// directory (the one with the `latest` file) works too. Default: the latest
+    /// `weather-onnx` model in the BentoML store at $BENTOML_HOME (default ~/bentoml).
+    #[arg(long = "model", env = "MODEL_PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Inference worker threads, each owning one ONNX Runtime session. Default: the CPUs
+    /// this process may use (affinity and cgroup quota respected).
+    #[arg(long, env = "WORKERS")]
+    pub workers: Option<NonZeroUsize>,
+
+    /// ONNX Runtime intra-op threads per session.
+    #[arg(long, env = "INTRA_THREADS", default_value_t = NonZeroUsize::MIN)]
+    pub intra_threads: NonZeroUsize,
+
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest accepted image in pixels (width x height, read from the header before
+    /// decoding); larger images get 400.
+    #[arg(long, env = "MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+
+    /// Requests waiting for a worker at most; when the queue is full, /predict answers 503.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+
+    /// Path of the ONNX Runtime shared library (libonnxruntime.so.1.*, e.g. the one in the
+    /// onnxruntime wheel's onnxruntime/capi/). Default: `libonnxruntime.so` from the
+    /// dynamic loader's search path.
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = "libonnxruntime.so")]
+    pub ort_dylib_path: PathBuf,
+
+    /// Log format; the level is set with RUST_LOG (default info).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    pub fn workers(&self) -> usize {
+        self.workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, NonZeroUsize::get)
+    }
+
+    /// The model directory: `--model`, or the BentoML store's latest `weather-onnx`.
+    pub fn model_dir(&self) -> Result<PathBuf, String> {
+        match &self.model {
+            Some(path) => resolve_latest(path),
+            None => {
+                let home = bentoml_home()?;
+                resolve_latest(&home.join("models").join("weather-onnx"))
+            }
+        }
+    }
+}
+
+fn bentoml_home() -> Result<PathBuf, String> {
+    if let Some(home) = std::env::var_os("BENTOML_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(home));
+    }
+    std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(|home| PathBuf::from(home).join("bentoml"))
+        .ok_or_else(|| "neither BENTOML_HOME nor HOME is set; pass --model".to_string())
+}
+
+/// A model directory is used as is; a model-name directory is resolved through its
+/// `latest` file, as BentoML's store does.
+fn resolve_latest(path: &Path) -> Result<PathBuf, String> {
+    if path.join("model.yaml").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join("latest");
+    match std::fs::read_to_string(&latest) {
+        Ok(version) if !version.trim().is_empty() => Ok(path.join(version.trim())),
+        Ok(_) => Err(format!("{} is empty", latest.display())),
+        Err(err) => Err(format!(
+            "no model at {}: neither model.yaml nor a readable `latest` file ({err})",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_of(id: &str) -> String {
+        use clap::CommandFactory;
+        let command = Config::command();
+        let arg = command
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .unwrap_or_else(|| panic!("no argument {id}"));
+        arg.get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    // Checked on the declared defaults, not on a parse, so HOST/PORT/... set in the
+    // test's environment cannot change the outcome.
+    #[test]
+    fn defaults_match_the_contract() {
+        assert_eq!(default_of("host"), "0.0.0.0");
+        assert_eq!(default_of("port"), "3000");
+        assert_eq!(default_of("max_body_bytes"), "16777216");
+        assert_eq!(default_of("max_pixels"), "40000000");
+        assert_eq!(default_of("intra_threads"), "1");
+        assert_eq!(default_of("workers"), "");
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        use clap::CommandFactory;
+        for arg in Config::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "--{id} has no environment variable"
+            );
+        }
+    }
+
+    #[test]
+    fn resolves_latest_file() {
+        let root = std::env::temp_dir().join(format!("rust_service_cfg_{}", std::process::id()));
+        let version_dir = root.join("v1");
+        std::fs::create_dir_all(&version_dir).expect("mkdir");
+        std::fs::write(version_dir.join("model.yaml"), "metadata: {}\n").expect("write");
+        std::fs::write(root.join("latest"), "v1\n").expect("write");
+        assert_eq!(resolve_latest(&root).expect("resolves"), version_dir);
+        assert_eq!(resolve_latest(&version_dir).expect("resolves"), version_dir);
+        assert!(resolve_latest(&root.join("missing")).is_err());
+        std::fs::remove_dir_all(&root).expect("cleanup");
+    }
+}

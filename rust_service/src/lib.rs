@@ -1,0 +1,9 @@
+//! The weather classifier service: see `main.rs` for how the parts are put together.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod infer;
+pub mod metrics;
+pub mod model;
+pub mod preprocess;
