@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use rust_service::config::Config;
 use rust_service::infer::Predictor;
 use rust_service::model::ModelSpec;
 use rust_service::preprocess::{self, RgbImage, Scratch, INPUT_LEN};
@@ -40,17 +42,8 @@ fn main() -> Result<(), String> {
         .ok_or("usage: inprocess_bench IMAGE [MODEL_DIR] [SECONDS]")?;
     let model_dir = match args.next().filter(|s| !s.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => {
-            let home = std::env::var("BENTOML_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join("bentoml")
-                });
-            let store = home.join("models/weather-onnx");
-            let version =
-                std::fs::read_to_string(store.join("latest")).map_err(|e| e.to_string())?;
-            store.join(version.trim())
-        }
+        // As the service finds it: MODEL_PATH, else the store at $BENTOML_HOME.
+        None => Config::parse_from(["inprocess_bench"]).model_dir()?,
     };
     let seconds: f64 = args
         .next()
