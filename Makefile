@@ -12,7 +12,7 @@ CARGO := cd rust_service && cargo
 
 export BENTOML_DO_NOT_TRACK := 1
 
-.PHONY: setup system-deps rust rust-check run test clean
+.PHONY: setup system-deps rust rust-check images run test clean
 
 setup: $(INSTALLED) rust
 
@@ -39,8 +39,17 @@ rust-check: rust
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 	$(CARGO) test --release --locked
 
+# The three images weather-{torch,onnx,rust}-service:<version> and :latest (python -m containers.build --help).
+# With no reachable registry it first builds a local Debian base image (mmdebstrap);
+# LOCAL_BASE=1 forces that, ONLY=onnx,rust builds a subset.
+images: setup
+	$(BIN)/python -m containers.build $(if $(LOCAL_BASE),--local-base) $(if $(ONLY),--only $(ONLY))
+
+# The main job: the demo model, the images (where a Docker engine runs), the side-by-side benchmark.
 run: setup
 	$(BIN)/python -m model_import demo
+	if docker info >/dev/null 2>&1; then $(MAKE) images; else echo "no Docker engine: benchmarking local processes"; fi
+	$(BIN)/python -m benchmark run --profile quick
 
 test: setup rust-check
 	$(BIN)/python -m pytest

@@ -8,19 +8,22 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from .docker_launchers import DOCKER_LAUNCHERS
 from .images import Reference
 from .launchers import LAUNCHERS, free_port, wait_ready
 
 EXTERNAL = "external"
+ALL_LAUNCHERS = {**LAUNCHERS, **DOCKER_LAUNCHERS}
 
 
 def selected_targets() -> list[str]:
     if os.environ.get("CONTRACT_BASE_URL"):
         return [EXTERNAL]
     names = [name.strip() for name in os.environ.get("CONTRACT_TARGETS", "").split(",") if name.strip()]
-    unknown = sorted(set(names) - set(LAUNCHERS))
+    unknown = sorted(set(names) - set(ALL_LAUNCHERS))
     if unknown:
-        raise pytest.UsageError(f"CONTRACT_TARGETS: unknown {unknown}; known: {sorted(LAUNCHERS)}")
+        raise pytest.UsageError(f"CONTRACT_TARGETS: unknown {unknown}; known: {sorted(ALL_LAUNCHERS)}")
+    # The built images (docker-*) only when asked for: tests/test_containers.py builds and checks its own.
     return names or list(LAUNCHERS)
 
 
@@ -37,7 +40,7 @@ def base_url(target: str) -> Iterator[str]:
         wait_ready(url, timeout=float(os.environ.get("CONTRACT_READY_TIMEOUT", "60")))
         yield url
         return
-    with LAUNCHERS[target](free_port()) as url:
+    with ALL_LAUNCHERS[target](free_port()) as url:
         yield url
 
 
