@@ -75,7 +75,7 @@ def markdown(results: dict, charts: list[str]) -> str:
         lines.append(f"| {label} | " + " | ".join(cell(services[n]) for n in names) + " |")
 
     lines += ["", "## Ceilings and ratios", "",
-              "The ceiling is the same work (JSON, base64, decode, preprocess, inference) done in-process on one "
+              "The ceiling is the same work (JSON, base64, decode, preprocess, inference, response JSON) done in-process on one "
               "thread of the same CPU, as fast as possible.", "", "| runtime | in-process requests/s | mean (ms) |",
               "|---|---:|---:|"]
     for runtime, ceiling in results["ceilings"].items():
