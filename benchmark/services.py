@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class Service:
             argv = [str(RUST_BINARY), "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
             return argv, {**threads, "ORT_DYLIB_PATH": onnxruntime_library()}
         target = {"torch": "bentos.torch_service:TorchClassifier", "onnx": "bentos.onnx_service:OnnxClassifier"}[self.name]
-        bentoml = str(Path(os.sys.executable).with_name("bentoml"))
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
         return [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port)], {**threads, "WORKERS": str(workers)}
 
     def container_command(self, port: int, cpus: str, workers: int, name: str) -> list[str]:

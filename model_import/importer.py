@@ -8,6 +8,7 @@ the store. A model is only visible in the store once it is complete.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import tempfile
@@ -101,8 +102,6 @@ def _save(artifacts: list[_Artifact]) -> list[bentoml.Model]:
 
 
 def _describe_local(path: Path, uri: str) -> Fetched:
-    import hashlib
-
     return Fetched(uri, path, hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
 
 
