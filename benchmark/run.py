@@ -65,7 +65,7 @@ class Settings:
 
 PROFILES = {
     "quick": dict(users=16, duration_s=20, warmup_s=5, startup_runs=3, ceiling_s=8, request_limit=None),
-    "full": dict(users=50, duration_s=900, warmup_s=15, startup_runs=15, ceiling_s=20, request_limit=40_000),
+    "full": dict(users=50, duration_s=3600, warmup_s=15, startup_runs=15, ceiling_s=20, request_limit=40_000),
 }
 
 
