@@ -3,9 +3,11 @@
 The names are the Rust service's where they mean the same thing, so one set of
 variables configures any of the three services:
 
-    WORKERS          worker processes; default one per CPU core (BentoML's "cpu_count",
-                     which respects a cgroup CPU quota). BentoML's own
-                     BENTOML_CONFIG_OPTIONS='services.OnnxClassifier.workers=N' overrides it.
+    WORKERS          worker processes; default one per CPU this process may use: the CPUs
+                     it may run on (taskset, docker --cpuset-cpus), bounded by a cgroup CPU
+                     quota (docker --cpus), as Rust's available_parallelism counts them.
+                     BentoML's own BENTOML_CONFIG_OPTIONS='services.OnnxClassifier.workers=N'
+                     overrides it.
     WORKER_THREADS   requests one worker decodes and runs at the same time (default 1)
     INTRA_THREADS    ONNX Runtime intra-op threads / torch threads, per worker (default 1)
     MAX_BODY_BYTES   larger request bodies get 413 (default 16 MiB, the contract's limit)
@@ -14,7 +16,9 @@ variables configures any of the three services:
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 
 def env_int(name: str, default: int) -> int:
@@ -27,7 +31,19 @@ def env_int(name: str, default: int) -> int:
     return int(value)
 
 
-WORKERS: int | str = env_int("WORKERS", 0) or "cpu_count"
+def usable_cpus() -> int:
+    """The CPUs this process may run on, bounded by its cgroup (v2) CPU quota; at least 1."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, math.floor(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to respect
+    return max(cpus, 1)
+
+
+WORKERS = env_int("WORKERS", 0) or usable_cpus()
 WORKER_THREADS = env_int("WORKER_THREADS", 1)
 INTRA_THREADS = env_int("INTRA_THREADS", 1)
 MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 16 * 1024 * 1024)

@@ -209,7 +209,17 @@ def test_concurrency_defaults():
         WORKERS="", WORKER_THREADS="", INTRA_THREADS="",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["cpu_count", "1", "1"]
+    assert result.stdout.split() == [str(settings.usable_cpus()), "1", "1"]
+
+
+def test_default_workers_follow_the_cpus_the_process_may_use():
+    code = "from bentos import settings; print(settings.WORKERS)"
+    result = subprocess.run(
+        ["taskset", "--cpu-list", "0", sys.executable, "-c", code],
+        cwd=REPO, env={**os.environ, "WORKERS": ""}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1"]
 
 
 def test_concurrency_from_the_environment():
