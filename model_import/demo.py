@@ -1,8 +1,10 @@
 """The embedded demo model: MobileNetV3-small trained briefly on synthetic weather.
 
 No pretrained weights can be downloaded, and a randomly initialised network
-outputs an exactly uniform distribution, so the demo trains one: deterministic
-(fixed seeds), a couple of minutes on two CPU cores, cached so it trains once.
+outputs an exactly uniform distribution, so the demo trains one: fixed seeds,
+so repeatable on one machine (float rounding differs between CPUs, so the weights
+differ slightly between machines), a couple of minutes on two CPU cores, cached so
+it trains once.
 It writes the artifacts the real pipeline publishes (a state dict and an ONNX
 model), which then go through the ordinary import path.
 """
