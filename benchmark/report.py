@@ -41,7 +41,8 @@ def markdown(results: dict, charts: list[str]) -> str:
         f"Each service alone on CPU {settings['service_cpus']} ({settings['workers_per_service']} worker(s), "
         f"{settings['intra_op_threads_per_worker']} intra-op thread each); Locust on CPU {settings['locust_cpus']} "
         f"with {settings['users']} users, after a {settings['warmup_s']} s warm-up; "
-        + (f"{settings['request_limit']:,} requests measured." if settings["request_limit"]
+        + (f"{settings['request_limit']:,} requests measured (or {settings['duration_s']} s, whichever came first)."
+           if settings["request_limit"]
            else f"{settings['duration_s']} s measured."),
         f"Payload: {setup['payload']['bytes']:,} bytes ({setup['payload']['source']}).",
         "",
