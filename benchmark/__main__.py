@@ -13,7 +13,7 @@ EPILOG = """\
 profiles:
   quick   16 users, 5 s warm-up + 20 s measured per service, 3 cold starts, 8 s ceilings (a few minutes)
   full    50 users, 15 s warm-up + 40,000 requests per service (like the original; at most 1 hour each),
-          15 cold starts, 20 s ceilings (about 50 minutes on 2 cores, most of it the torch service)
+          15 cold starts, 20 s ceilings (54 minutes on 2 cores, most of it the torch service)
 Explicit options override the profile's values.
 
 Each service runs alone on the same dedicated CPUs (the first N of this process's CPUs) with one
