@@ -8,15 +8,23 @@
 //!
 //! The model is found as the service finds it (MODEL_PATH, else the store at $BENTOML_HOME).
 
+use std::error::Error;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rust_service::config::Config;
 use rust_service::http::{parse_predict_request, Prediction};
-use rust_service::infer::Predictor;
+use rust_service::infer::{self, Predictor};
 use rust_service::model::ModelSpec;
 
-fn main() -> Result<(), String> {
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("ceiling: {err}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
     let usage = "usage: ceiling PAYLOAD_JSON SECONDS";
     let mut args = std::env::args().skip(1);
     let payload_path = args.next().ok_or(usage)?;
@@ -29,21 +37,15 @@ fn main() -> Result<(), String> {
 
     // The service's own defaults and environment variables, with no command-line flags.
     let config = Config::parse_from(["ceiling"]);
-    ort::init_from(&config.ort_dylib_path)
-        .map_err(|e| format!("{}: {e}", config.ort_dylib_path.display()))?
-        .commit();
+    infer::init_runtime(&config.ort_dylib_path)?;
     let spec = ModelSpec::load(&config.model_dir()?)?;
-    let model = std::fs::read(&spec.onnx_path).map_err(|e| e.to_string())?;
-    let mut predictor = Predictor::new(&spec, &model, 1, config.max_pixels)?;
+    let mut predictor = Predictor::new(&spec, &spec.read_onnx()?, 1, config.max_pixels)?;
 
-    let mut request = || -> Result<usize, String> {
-        let image = parse_predict_request(&payload).map_err(|e| e.to_string())?;
-        let probabilities = predictor.predict(&image).map_err(|e| e.to_string())?;
-        let prediction =
-            Prediction::new(&spec.labels, &probabilities).map_err(|e| e.to_string())?;
-        Ok(serde_json::to_vec(&prediction)
-            .map_err(|e| e.to_string())?
-            .len())
+    let mut request = || -> Result<usize, Box<dyn Error>> {
+        let image = parse_predict_request(&payload)?;
+        let probabilities = predictor.predict(&image)?;
+        let prediction = Prediction::new(&spec.labels, &probabilities)?;
+        Ok(serde_json::to_vec(&prediction)?.len())
     };
     for _ in 0..5 {
         request()?; // warm-up

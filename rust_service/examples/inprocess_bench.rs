@@ -5,14 +5,15 @@
 //! (ORT_DYLIB_PATH must point at libonnxruntime.so.1.*; MODEL_DIR defaults to the store's
 //! latest weather-onnx.)
 
+use std::error::Error;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rust_service::config::Config;
-use rust_service::infer::Predictor;
+use rust_service::image::{self, RgbImage, Scratch, INPUT_LEN};
+use rust_service::infer::{self, Predictor};
 use rust_service::model::ModelSpec;
-use rust_service::preprocess::{self, RgbImage, Scratch, INPUT_LEN};
 
 fn time_it(name: &str, budget: Duration, mut f: impl FnMut()) {
     f();
@@ -35,7 +36,14 @@ fn time_it(name: &str, budget: Duration, mut f: impl FnMut()) {
     );
 }
 
-fn main() -> Result<(), String> {
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("inprocess_bench: {err}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let image_path = args
         .next()
@@ -45,36 +53,30 @@ fn main() -> Result<(), String> {
         // As the service finds it: MODEL_PATH, else the store at $BENTOML_HOME.
         None => Config::parse_from(["inprocess_bench"]).model_dir()?,
     };
-    let seconds: f64 = args
-        .next()
-        .map_or(Ok(5.0), |s| s.parse())
-        .map_err(|e| format!("{e}"))?;
+    let seconds: f64 = args.next().map_or(Ok(5.0), |s| s.parse())?;
     let budget = Duration::from_secs_f64(seconds);
 
     let bytes = std::fs::read(&image_path).map_err(|e| format!("{image_path}: {e}"))?;
     let dylib = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".into());
-    ort::init_from(&dylib)
-        .map_err(|e| format!("{dylib}: {e}"))?
-        .commit();
+    infer::init_runtime(dylib.as_ref())?;
     let spec = ModelSpec::load(&model_dir)?;
-    let model_bytes = std::fs::read(&spec.onnx_path).map_err(|e| e.to_string())?;
-    let mut predictor = Predictor::new(&spec, &model_bytes, 1, 40_000_000)?;
+    let mut predictor = Predictor::new(&spec, &spec.read_onnx()?, 1, 40_000_000)?;
 
-    let mut image = RgbImage::default();
-    preprocess::decode_rgb(&bytes, 40_000_000, &mut image).map_err(|e| e.to_string())?;
+    let mut decoded = RgbImage::default();
+    image::decode_rgb(&bytes, 40_000_000, &mut decoded)?;
     println!(
         "{image_path}: {}x{}, {} bytes",
-        image.width,
-        image.height,
+        decoded.width,
+        decoded.height,
         bytes.len()
     );
     time_it("decode", budget, || {
-        preprocess::decode_rgb(&bytes, 40_000_000, &mut image).expect("decodes");
+        image::decode_rgb(&bytes, 40_000_000, &mut decoded).expect("decodes");
     });
     let mut scratch = Scratch::default();
     let mut input = vec![0u8; INPUT_LEN];
     time_it("resize + crop", budget, || {
-        preprocess::resize_and_crop(&image, &mut scratch, &mut input);
+        image::resize_and_crop(&decoded, &mut scratch, &mut input);
     });
     time_it("predict (all of the above + ORT)", budget, || {
         predictor.predict(&bytes).expect("predicts");

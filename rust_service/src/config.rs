@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 
+use crate::error::StartupError;
+
 /// Weather classifier inference service: the `weather-onnx` model behind the same HTTP
 /// contract as the BentoML services (POST /predict, GET /livez, /readyz, /metrics).
 #[derive(Debug, Clone, Parser)]
@@ -70,41 +72,50 @@ impl Config {
     }
 
     /// The model directory: `--model`, or the BentoML store's latest `weather-onnx`.
-    pub fn model_dir(&self) -> Result<PathBuf, String> {
-        match &self.model {
-            Some(path) => resolve_latest(path),
-            None => {
-                let home = bentoml_home()?;
-                resolve_latest(&home.join("models").join("weather-onnx"))
-            }
-        }
+    pub fn model_dir(&self) -> Result<PathBuf, StartupError> {
+        resolve_latest(self.model.as_deref())
     }
 }
 
-fn bentoml_home() -> Result<PathBuf, String> {
+/// The model the service serves when `--model` does not say: `ONNX_MODEL` in
+/// weather/registry.py (tests/test_registry.py starts the service on a store and checks).
+const MODEL_NAME: &str = "weather-onnx";
+
+/// The BentoML store: $BENTOML_HOME, else ~/bentoml, as BentoML itself picks it.
+fn bentoml_home() -> Result<PathBuf, StartupError> {
     if let Some(home) = std::env::var_os("BENTOML_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(home));
     }
     std::env::var_os("HOME")
         .filter(|v| !v.is_empty())
         .map(|home| PathBuf::from(home).join("bentoml"))
-        .ok_or_else(|| "neither BENTOML_HOME nor HOME is set; pass --model".to_string())
+        .ok_or(StartupError::NoBentomlHome)
 }
 
-/// A model directory is used as is; a model-name directory is resolved through its
-/// `latest` file, as BentoML's store does.
-fn resolve_latest(path: &Path) -> Result<PathBuf, String> {
+/// Finds the model directory in the model store layout of BentoML 1.4, the version the
+/// Python side writes the store with. This is the only Rust code that knows that layout:
+///
+/// ```text
+/// <store>/models/<name>/latest        the latest version's name (one line)
+/// <store>/models/<name>/<version>/    model.yaml, model.onnx
+/// ```
+///
+/// `path` is a model directory (the one with model.yaml, used as is) or a `models/<name>`
+/// directory (resolved through its `latest` file); None means the store's latest
+/// `weather-onnx`.
+fn resolve_latest(path: Option<&Path>) -> Result<PathBuf, StartupError> {
+    let path = match path {
+        Some(path) => path.to_path_buf(),
+        None => bentoml_home()?.join("models").join(MODEL_NAME),
+    };
     if path.join("model.yaml").is_file() {
-        return Ok(path.to_path_buf());
+        return Ok(path);
     }
     let latest = path.join("latest");
     match std::fs::read_to_string(&latest) {
         Ok(version) if !version.trim().is_empty() => Ok(path.join(version.trim())),
-        Ok(_) => Err(format!("{} is empty", latest.display())),
-        Err(err) => Err(format!(
-            "no model at {}: neither model.yaml nor a readable `latest` file ({err})",
-            path.display()
-        )),
+        Ok(_) => Err(StartupError::EmptyLatest(latest)),
+        Err(source) => Err(StartupError::NoModel { path, source }),
     }
 }
 
@@ -159,9 +170,12 @@ mod tests {
         std::fs::create_dir_all(&version_dir).expect("mkdir");
         std::fs::write(version_dir.join("model.yaml"), "metadata: {}\n").expect("write");
         std::fs::write(root.join("latest"), "v1\n").expect("write");
-        assert_eq!(resolve_latest(&root).expect("resolves"), version_dir);
-        assert_eq!(resolve_latest(&version_dir).expect("resolves"), version_dir);
-        assert!(resolve_latest(&root.join("missing")).is_err());
+        assert_eq!(resolve_latest(Some(&root)).expect("resolves"), version_dir);
+        assert_eq!(
+            resolve_latest(Some(&version_dir)).expect("resolves"),
+            version_dir
+        );
+        assert!(resolve_latest(Some(&root.join("missing"))).is_err());
         std::fs::remove_dir_all(&root).expect("cleanup");
     }
 }

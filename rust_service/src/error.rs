@@ -1,6 +1,15 @@
+//! The service's two error types: [`AppError`], what a request can fail with, and
+//! [`StartupError`], what keeps the service from starting.
+
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+
+use crate::image::ImageError;
 
 /// Everything a request can fail with. `status()` is the one place that maps errors to
 /// HTTP status codes; every error body is `{"error": "<Display text>"}`.
@@ -20,12 +29,9 @@ pub enum AppError {
     ImageNotAString(&'static str),
     #[error("`image` is not valid standard base64")]
     InvalidBase64,
-    #[error("the image is not a JPEG or PNG")]
-    NotAnImage,
-    #[error("the image is truncated or corrupt: {0}")]
-    CorruptImage(String),
-    #[error("the image has {pixels} pixels, more than the limit of {limit}")]
-    TooManyPixels { pixels: u64, limit: u64 },
+    /// The decoders' own error, whose text is the client's message as it is.
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error("the server is overloaded; retry later")]
     Overloaded,
     #[error("the model is not ready")]
@@ -53,9 +59,8 @@ impl AppError {
             | Self::MissingImage
             | Self::ImageNotAString(_)
             | Self::InvalidBase64
-            | Self::NotAnImage
-            | Self::CorruptImage(_)
-            | Self::TooManyPixels { .. } => StatusCode::BAD_REQUEST,
+            // Every image the decoders refuse is the client's doing.
+            | Self::Image(_) => StatusCode::BAD_REQUEST,
             Self::Overloaded | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -76,6 +81,78 @@ impl ResponseError for AppError {
             response.insert_header((header::RETRY_AFTER, "1"));
         }
         response.json(ErrorBody { error: &message })
+    }
+}
+
+/// What keeps the service from starting, with the path or the step that failed. `main`
+/// logs it once and exits with status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    // Finding the model (config.rs).
+    #[error("neither BENTOML_HOME nor HOME is set; pass --model")]
+    NoBentomlHome,
+    #[error("no model at {}: neither model.yaml nor a readable `latest` file ({source})", .path.display())]
+    NoModel { path: PathBuf, source: io::Error },
+    #[error("{} is empty", .0.display())]
+    EmptyLatest(PathBuf),
+
+    // Reading it (model.rs).
+    #[error("cannot read {}: {source}", .path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} does not exist", .0.display())]
+    Missing(PathBuf),
+    /// model.yaml is not BentoML's, or its metadata asks for a contract this service does
+    /// not implement.
+    #[error("{}: {reason}", .path.display())]
+    ModelYaml { path: PathBuf, reason: String },
+
+    // ONNX Runtime and the workers' sessions (main.rs, infer.rs).
+    #[error("cannot load ONNX Runtime from {}: {source} (set ORT_DYLIB_PATH)", .path.display())]
+    Runtime {
+        path: PathBuf,
+        source: ort::LoadDynamicError,
+    },
+    #[error("ONNX Runtime: {0}")]
+    SessionOptions(ort::Error),
+    #[error("cannot load {}: {source}", .path.display())]
+    Session { path: PathBuf, source: ort::Error },
+    #[error("model.onnx has no {kind} `{name}`")]
+    MissingTensor { kind: &'static str, name: String },
+    #[error("model.onnx {kind} `{name}` is {found}, the contract says {expected}")]
+    TensorMismatch {
+        kind: &'static str,
+        name: String,
+        found: String,
+        expected: String,
+    },
+    #[error("warm-up inference failed: {0}")]
+    WarmUp(ort::Error),
+    #[error("model output `{output}` is not a probability distribution (sums to {total})")]
+    NotADistribution { output: String, total: f32 },
+    #[error("cannot start a worker thread: {0}")]
+    SpawnWorker(io::Error),
+    #[error("a worker thread exited during start-up")]
+    WorkerExited,
+
+    // Serving (main.rs).
+    #[error("cannot listen on {host}:{port}: {source}")]
+    Listen {
+        host: IpAddr,
+        port: u16,
+        source: io::Error,
+    },
+    /// Not start-up as such, but it ends the process the same way.
+    #[error("server failed: {0}")]
+    Server(io::Error),
+}
+
+impl StartupError {
+    /// For reading a file the service needs: `fs::read(&p).map_err(StartupError::read(&p))`.
+    pub fn read(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
+        move |source| Self::Read {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -109,12 +186,13 @@ mod tests {
             AppError::MissingImage,
             AppError::ImageNotAString("a number"),
             AppError::InvalidBase64,
-            AppError::NotAnImage,
-            AppError::CorruptImage("premature end".into()),
-            AppError::TooManyPixels {
+            ImageError::NotAnImage.into(),
+            ImageError::Corrupt("premature end".into()).into(),
+            ImageError::TooManyPixels {
                 pixels: 40_000_001,
                 limit: 40_000_000,
-            },
+            }
+            .into(),
         ] {
             let (status, content_type, json) = body_of(&err);
             assert_eq!(status, StatusCode::BAD_REQUEST, "{err}");
@@ -147,12 +225,54 @@ mod tests {
     }
 
     #[test]
+    fn image_errors_keep_their_texts() {
+        for (err, expected) in [
+            (ImageError::NotAnImage, "the image is not a JPEG or PNG"),
+            (
+                ImageError::Corrupt("JPEG: premature end of data".into()),
+                "the image is truncated or corrupt: JPEG: premature end of data",
+            ),
+        ] {
+            let (status, _, json) = body_of(&err.into());
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(json, serde_json::json!({ "error": expected }));
+        }
+    }
+
+    #[test]
+    fn startup_errors_say_which_path_and_step() {
+        let not_found = || io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(
+            StartupError::read(Path::new("/m/v/model.onnx"))(not_found()).to_string(),
+            "cannot read /m/v/model.onnx: entity not found"
+        );
+        assert_eq!(
+            StartupError::NoModel {
+                path: PathBuf::from("/store/models/weather-onnx"),
+                source: not_found(),
+            }
+            .to_string(),
+            "no model at /store/models/weather-onnx: neither model.yaml nor a readable `latest` file (entity not found)"
+        );
+        assert_eq!(
+            StartupError::TensorMismatch {
+                kind: "input",
+                name: "pixels".into(),
+                found: "Float32".into(),
+                expected: "uint8 [batch, 224, 224, 3]".into(),
+            }
+            .to_string(),
+            "model.onnx input `pixels` is Float32, the contract says uint8 [batch, 224, 224, 3]"
+        );
+    }
+
+    #[test]
     fn messages_say_what_is_wrong() {
         assert_eq!(
-            AppError::TooManyPixels {
+            AppError::from(ImageError::TooManyPixels {
                 pixels: 50_000_000,
                 limit: 40_000_000
-            }
+            })
             .to_string(),
             "the image has 50000000 pixels, more than the limit of 40000000"
         );

@@ -4,19 +4,20 @@
 //! A full queue is answered at once with 503 instead of piling up latency.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use tokio::sync::oneshot;
 
-use crate::error::AppError;
+use crate::error::{AppError, StartupError};
+use crate::image::{self, ImageError, RgbImage, Scratch, CROP_SIZE, INPUT_LEN};
 use crate::model::ModelSpec;
-use crate::preprocess::{self, RgbImage, Scratch, CROP_SIZE, INPUT_LEN};
 
 /// Decoded buffers larger than this are not kept between requests.
 const KEEP_BUFFER_BYTES: usize = 64 * 1024 * 1024;
@@ -75,12 +76,10 @@ impl WorkerPool {
 pub fn start(
     spec: &ModelSpec,
     options: &WorkerOptions,
-) -> Result<(Inferencer, WorkerPool), String> {
-    let model_bytes: Arc<[u8]> = std::fs::read(&spec.onnx_path)
-        .map_err(|err| format!("cannot read {}: {err}", spec.onnx_path.display()))?
-        .into();
+) -> Result<(Inferencer, WorkerPool), StartupError> {
+    let model_bytes: Arc<[u8]> = spec.read_onnx()?.into();
     let (jobs, queue) = crossbeam_channel::bounded::<Job>(options.queue_capacity.max(1));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartupError>>();
     let mut handles = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
         let queue = queue.clone();
@@ -104,7 +103,7 @@ pub fn start(
                 drop(ready);
                 worker.serve(&queue);
             })
-            .map_err(|err| format!("cannot start a worker thread: {err}"))?;
+            .map_err(StartupError::SpawnWorker)?;
         handles.push(handle);
     }
     drop(ready_tx);
@@ -113,7 +112,7 @@ pub fn start(
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(err)) => return Err(err),
-            Err(_) => return Err("a worker thread exited during start-up".into()),
+            Err(_) => return Err(StartupError::WorkerExited),
         }
     }
     Ok((Inferencer { jobs }, WorkerPool { handles }))
@@ -140,21 +139,15 @@ impl Predictor {
         model_bytes: &[u8],
         intra_threads: usize,
         max_pixels: u64,
-    ) -> Result<Self, String> {
-        let ort_error = |err: ort::Error| format!("ONNX Runtime: {err}");
+    ) -> Result<Self, StartupError> {
         let started = Instant::now();
-        let session = Session::builder()
-            .map_err(ort_error)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(|e| ort_error(e.into()))?
-            .with_intra_threads(intra_threads)
-            .map_err(|e| ort_error(e.into()))?
-            .with_inter_threads(1)
-            .map_err(|e| ort_error(e.into()))?
-            .with_intra_op_spinning(intra_threads > 1)
-            .map_err(|e| ort_error(e.into()))?
+        let session = session_builder(intra_threads)
+            .map_err(StartupError::SessionOptions)?
             .commit_from_memory(model_bytes)
-            .map_err(|err| format!("cannot load {}: {err}", spec.onnx_path.display()))?;
+            .map_err(|source| StartupError::Session {
+                path: spec.onnx_path.clone(),
+                source,
+            })?;
         check_session(&session, spec)?;
         let session_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut worker = Self {
@@ -168,15 +161,13 @@ impl Predictor {
             input: vec![0; INPUT_LEN],
         };
         // Warm-up: the first run allocates ONNX Runtime's buffers; do it before traffic.
-        let probabilities = worker
-            .run()
-            .map_err(|err| format!("warm-up inference failed: {err}"))?;
+        let probabilities = worker.run().map_err(StartupError::WarmUp)?;
         let total: f32 = probabilities.iter().sum();
         if (total - 1.0).abs() > 1e-3 {
-            return Err(format!(
-                "model output `{}` is not a probability distribution (sums to {total})",
-                spec.probabilities_name
-            ));
+            return Err(StartupError::NotADistribution {
+                output: spec.probabilities_name.clone(),
+                total,
+            });
         }
         tracing::debug!(
             session_ms,
@@ -196,9 +187,7 @@ impl Predictor {
                 .unwrap_or_else(|_| {
                     // A decoder bug on hostile input must not take the worker down.
                     self.decoded = RgbImage::default();
-                    Err(AppError::CorruptImage(
-                        "the image could not be decoded".into(),
-                    ))
+                    Err(ImageError::Corrupt("the image could not be decoded".into()).into())
                 });
             if self.decoded.pixels.capacity() > KEEP_BUFFER_BYTES {
                 self.decoded = RgbImage::default();
@@ -213,9 +202,9 @@ impl Predictor {
     }
 
     /// Encoded JPEG/PNG bytes → probabilities in label order.
-    pub fn predict(&mut self, image: &[u8]) -> Result<Vec<f32>, AppError> {
-        preprocess::decode_rgb(image, self.max_pixels, &mut self.decoded)?;
-        preprocess::resize_and_crop(&self.decoded, &mut self.scratch, &mut self.input);
+    pub fn predict(&mut self, encoded: &[u8]) -> Result<Vec<f32>, AppError> {
+        image::decode_rgb(encoded, self.max_pixels, &mut self.decoded)?;
+        image::resize_and_crop(&self.decoded, &mut self.scratch, &mut self.input);
         self.run()
             .map_err(|err| AppError::Inference(err.to_string()))
     }
@@ -241,14 +230,28 @@ impl Predictor {
     }
 }
 
+/// The session options every worker uses: one inter-op thread, `intra_threads` intra-op
+/// threads, spinning only when there is more than one.
+fn session_builder(intra_threads: usize) -> Result<SessionBuilder, ort::Error> {
+    Ok(Session::builder()?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(intra_threads)?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(intra_threads > 1)?)
+}
+
 /// The graph must agree with the metadata's contract: a uint8 [N, 224, 224, 3] input and a
 /// float32 [N, labels] probabilities output.
-fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), String> {
+fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), StartupError> {
+    let missing = |kind, name: &str| StartupError::MissingTensor {
+        kind,
+        name: name.to_owned(),
+    };
     let input = session
         .inputs()
         .iter()
         .find(|i| i.name() == spec.input_name)
-        .ok_or_else(|| format!("model.onnx has no input `{}`", spec.input_name))?;
+        .ok_or_else(|| missing("input", &spec.input_name))?;
     let crop = CROP_SIZE as i64;
     match input.dtype() {
         ValueType::Tensor {
@@ -257,26 +260,41 @@ fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), String> {
             ..
         } if shape.len() == 4 && matches!(shape[0], -1 | 1) && shape[1..] == [crop, crop, 3] => {}
         other => {
-            return Err(format!(
-                "model.onnx input `{}` is {other:?}, the contract says uint8 [batch, {crop}, {crop}, 3]",
-                spec.input_name
-            ))
+            return Err(StartupError::TensorMismatch {
+                kind: "input",
+                name: spec.input_name.clone(),
+                found: format!("{other:?}"),
+                expected: format!("uint8 [batch, {crop}, {crop}, 3]"),
+            })
         }
     }
     let output = session
         .outputs()
         .iter()
         .find(|o| o.name() == spec.probabilities_name)
-        .ok_or_else(|| format!("model.onnx has no output `{}`", spec.probabilities_name))?;
+        .ok_or_else(|| missing("output", &spec.probabilities_name))?;
     let labels = spec.labels.len() as i64;
     let output_ok = matches!(output.dtype(), ValueType::Tensor { ty: TensorElementType::Float32, shape, .. }
         if shape.len() == 2 && matches!(shape[0], -1 | 1) && (shape[1] == labels || shape[1] == -1));
     if !output_ok {
-        return Err(format!(
-            "model.onnx output `{}` is {:?}, the contract says float32 [batch, {labels}]",
-            spec.probabilities_name,
-            output.dtype()
-        ));
+        return Err(StartupError::TensorMismatch {
+            kind: "output",
+            name: spec.probabilities_name.clone(),
+            found: format!("{:?}", output.dtype()),
+            expected: format!("float32 [batch, {labels}]"),
+        });
     }
+    Ok(())
+}
+
+/// Loads ONNX Runtime from `dylib` (see `Config::ort_dylib_path`) and makes it the
+/// process's runtime; sessions can be built afterwards.
+pub fn init_runtime(dylib: &Path) -> Result<(), StartupError> {
+    ort::init_from(dylib)
+        .map_err(|source| StartupError::Runtime {
+            path: dylib.to_path_buf(),
+            source,
+        })?
+        .commit();
     Ok(())
 }

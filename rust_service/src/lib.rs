@@ -3,7 +3,7 @@
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod image;
 pub mod infer;
 pub mod metrics;
 pub mod model;
-pub mod preprocess;

@@ -8,6 +8,7 @@ use actix_web::{web, App, HttpServer};
 use clap::Parser;
 
 use rust_service::config::{Config, LogFormat};
+use rust_service::error::StartupError;
 use rust_service::{http, infer, metrics, model};
 
 /// The `service_name` label of the metrics.
@@ -36,18 +37,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run(config: &Config, started: Instant) -> Result<(), String> {
-    let model_dir = config.model_dir()?;
-    let spec = model::ModelSpec::load(&model_dir)?;
-
-    let dylib = &config.ort_dylib_path;
-    let environment = ort::init_from(dylib).map_err(|err| {
-        format!(
-            "cannot load ONNX Runtime from {}: {err} (set ORT_DYLIB_PATH)",
-            dylib.display()
-        )
-    })?;
-    environment.commit();
+fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
+    let spec = model::ModelSpec::load(&config.model_dir()?)?;
+    infer::init_runtime(&config.ort_dylib_path)?;
     let runtime_loaded_ms = started.elapsed().as_millis() as u64;
 
     let workers = config.workers();
@@ -84,7 +76,11 @@ fn run(config: &Config, started: Instant) -> Result<(), String> {
     .workers(workers)
     .shutdown_timeout(30)
     .bind((config.host, config.port))
-    .map_err(|err| format!("cannot listen on {}:{}: {err}", config.host, config.port))?;
+    .map_err(|source| StartupError::Listen {
+        host: config.host,
+        port: config.port,
+        source,
+    })?;
 
     ready.store(true, Ordering::Release);
     tracing::info!(
@@ -104,7 +100,7 @@ fn run(config: &Config, started: Instant) -> Result<(), String> {
     // requests finish (up to the shutdown timeout), then `run` returns.
     actix_web::rt::System::new()
         .block_on(async move { server.run().await })
-        .map_err(|err| format!("server failed: {err}"))?;
+        .map_err(StartupError::Server)?;
     ready.store(false, Ordering::Release);
     tracing::info!("shutting down: finishing queued jobs");
     drop(state);

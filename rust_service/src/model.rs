@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::preprocess::{CROP_SIZE, SHORTER_SIDE};
+use crate::error::StartupError;
+use crate::image::{CROP_SIZE, SHORTER_SIDE};
 
 pub const EXPECTED_LABELS: usize = 11;
 
@@ -86,20 +87,28 @@ pub const PROBABILITIES: &str = "probabilities";
 pub const LOGITS: &str = "logits";
 
 impl ModelSpec {
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path) -> Result<Self, StartupError> {
         let yaml_path = dir.join("model.yaml");
-        let text = std::fs::read_to_string(&yaml_path)
-            .map_err(|err| format!("cannot read {}: {err}", yaml_path.display()))?;
+        let text = std::fs::read_to_string(&yaml_path).map_err(StartupError::read(&yaml_path))?;
         let onnx_path = dir.join("model.onnx");
         if !onnx_path.is_file() {
-            return Err(format!("{} does not exist", onnx_path.display()));
+            return Err(StartupError::Missing(onnx_path));
         }
         let fallback_version = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Self::from_yaml(&text, dir, onnx_path, &fallback_version)
-            .map_err(|err| format!("{}: {err}", yaml_path.display()))
+        Self::from_yaml(&text, dir, onnx_path, &fallback_version).map_err(|reason| {
+            StartupError::ModelYaml {
+                path: yaml_path,
+                reason,
+            }
+        })
+    }
+
+    /// The bytes of `model.onnx`, for building sessions from memory.
+    pub fn read_onnx(&self) -> Result<Vec<u8>, StartupError> {
+        std::fs::read(&self.onnx_path).map_err(StartupError::read(&self.onnx_path))
     }
 
     fn from_yaml(
