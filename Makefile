@@ -12,7 +12,7 @@ CARGO := cd rust_service && cargo
 
 export BENTOML_DO_NOT_TRACK := 1
 
-.PHONY: setup system-deps rust rust-check images run test clean
+.PHONY: setup system-deps rust rust-check lint images run test clean
 
 setup: $(INSTALLED) rust
 
@@ -51,7 +51,11 @@ run: setup
 	if docker info >/dev/null 2>&1; then $(MAKE) images; else echo "no Docker engine: benchmarking local processes"; fi
 	$(BIN)/python -m benchmark run --profile quick
 
-test: setup rust-check
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup rust-check lint
 	$(BIN)/python -m pytest
 
 clean:

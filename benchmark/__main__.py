@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark.run import PROFILES, Settings, run
-from benchmark.services import SERVICES, docker_available
+from benchmark.run import PROFILES, Settings, SettingsError, run
+from harness import docker
+from weather.registry import SERVICES
 
 EPILOG = """\
 profiles:
@@ -26,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run_parser = commands.add_parser("run", help="run the benchmark", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_parser = commands.add_parser(
+        "run", help="run the benchmark", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     run_parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    run_parser.add_argument("--mode", choices=("container", "process"),
-                            help="container (default when a Docker engine is available) or process")
-    run_parser.add_argument("--services", default=",".join(SERVICES),
-                            help="comma-separated subset of: %(default)s")
+    run_parser.add_argument(
+        "--mode",
+        choices=("container", "process"),
+        help="container (default when a Docker engine is available) or process",
+    )
+    run_parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset of: %(default)s")
     run_parser.add_argument("--cpus", type=int, default=1, help="CPUs per service (default 1)")
     run_parser.add_argument("--users", type=int, help="concurrent Locust users")
     run_parser.add_argument("--duration", type=int, help="measured seconds per service")
@@ -58,19 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown services: {', '.join(sorted(unknown))}")
     profile = PROFILES[args.profile]
-    mode = args.mode or ("container" if docker_available() else "process")
+    mode = args.mode or ("container" if docker.available() is None else "process")
 
     def pick(value, key):
         return profile[key] if value is None else value
 
     settings = Settings(
-        profile=args.profile, mode=mode, services=services, cpus_per_service=args.cpus,
-        users=pick(args.users, "users"), duration_s=pick(args.duration, "duration_s"),
-        warmup_s=pick(args.warmup, "warmup_s"), startup_runs=pick(args.startup_runs, "startup_runs"),
-        ceiling_s=pick(args.ceiling_seconds, "ceiling_s"), request_limit=pick(args.requests, "request_limit"),
-        payload=args.payload, out=args.out,
+        profile=args.profile,
+        mode=mode,
+        services=[SERVICES[name] for name in services],
+        cpus_per_service=args.cpus,
+        users=pick(args.users, "users"),
+        duration_s=pick(args.duration, "duration_s"),
+        warmup_s=pick(args.warmup, "warmup_s"),
+        startup_runs=pick(args.startup_runs, "startup_runs"),
+        ceiling_s=pick(args.ceiling_seconds, "ceiling_s"),
+        request_limit=pick(args.requests, "request_limit"),
+        payload=args.payload,
+        out=args.out,
     )
-    results = run(settings)
+    try:
+        results = run(settings)
+    except SettingsError as error:
+        print(f"benchmark: error: {error}", file=sys.stderr)
+        return 2
     failed = {name: s.get("error") or s["status"] for name, s in results["services"].items() if s["status"] != "ok"}
     for name, reason in failed.items():
         print(f"benchmark: {name} FAILED: {reason}", file=sys.stderr)

@@ -10,11 +10,14 @@ shows what its serving layer costs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from weather.registry import BENTOS
 
 # One thread everywhere, like a service worker with one intra-op thread.
 for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -25,14 +28,9 @@ def pipeline(runtime: str):
     """The service's own request pipeline (``Pipeline.predict``: body in, response out)."""
     import bentoml
 
-    if runtime == "onnx":
-        from bentos.onnx_service import MODEL_TAG, load_pipeline
-    else:
-        from bentos.torch_service import MODEL_TAG, load_pipeline
-    return load_pipeline(bentoml.models.get(MODEL_TAG))
-
-
-RUNTIMES = ("onnx", "torch")
+    service = BENTOS[runtime]
+    module = importlib.import_module(service.bento.module)
+    return module.load_pipeline(bentoml.models.get(service.model.latest))
 
 
 def measure(runtime: str, payload: bytes, seconds: float) -> dict:
@@ -47,16 +45,22 @@ def measure(runtime: str, payload: bytes, seconds: float) -> dict:
     while (elapsed := time.perf_counter() - started) < seconds:
         predict(payload)
         count += 1
-    return {"runtime": runtime, "requests": count, "seconds": round(elapsed, 3), "rps": round(count / elapsed, 2),
-            "mean_ms": round(1000 * elapsed / count, 3)}
+    return {
+        "runtime": runtime,
+        "requests": count,
+        "seconds": round(elapsed, 3),
+        "rps": round(count / elapsed, 2),
+        "mean_ms": round(1000 * elapsed / count, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from benchmark.payload import load_payload
 
-    parser = argparse.ArgumentParser(prog="python -m benchmark.ceiling", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime", choices=RUNTIMES, required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.ceiling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runtime", choices=sorted(BENTOS), required=True)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--payload", type=Path, help="JSON payload or image (default: the benchmark payload)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -14,9 +15,33 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from benchmark.services import REPO, Running, ServiceFailed, check_prediction
+from harness import REPO
+from harness.launch import Running, request
+from weather import contract
 
 PERCENTILES = (50, 90, 95, 99)
+
+
+class ServiceFailed(Exception):
+    """The service answered wrongly, or the load generator failed."""
+
+
+def check_prediction(port: int, payload: bytes, acceptable_labels: list[str]) -> None:
+    """One request that must succeed with the expected answer before anything is timed."""
+    status, body = request(port, "POST", "/predict", payload, headers={"Content-Type": "application/json"})
+    if status != 200:
+        raise ServiceFailed(f"POST /predict answered {status or 'nothing'}: {body[:200]!r}")
+    try:
+        answer = json.loads(body)
+        prediction, probabilities = answer["prediction"], answer["probabilities"]
+    except (ValueError, KeyError, TypeError):
+        raise ServiceFailed(f"POST /predict returned a malformed body: {body[:200]!r}") from None
+    if prediction not in acceptable_labels:
+        raise ServiceFailed(
+            f"wrong answer: predicted {prediction!r}, the reference says {' or '.join(acceptable_labels)}"
+        )
+    if abs(sum(probabilities.values()) - 1) > contract.SUM_TOLERANCE:
+        raise ServiceFailed("wrong answer: probabilities do not sum to 1")
 
 
 class ResourceSampler:
@@ -68,22 +93,50 @@ class ResourceSampler:
         }
 
 
-def run_locust(port: int, users: int, seconds: float, cpus: str, payload_path: Path, out_prefix: Path,
-               request_limit: int | None = None) -> dict:
+def run_locust(
+    port: int,
+    users: int,
+    seconds: float,
+    cpus: str,
+    payload_path: Path,
+    out_prefix: Path,
+    request_limit: int | None = None,
+) -> dict:
     """One headless Locust run; returns exact figures from every recorded request."""
     latency_log = out_prefix.with_name(out_prefix.name + "_latencies.csv")
     env = {**os.environ, "PAYLOAD_PATH": str(payload_path), "LATENCY_LOG": str(latency_log)}
     if request_limit:
         env["REQUEST_LIMIT"] = str(request_limit)
     command = [
-        "taskset", "--cpu-list", cpus, sys.executable, "-m", "locust", "-f", str(REPO / "locustfile.py"),
-        "--headless", "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{int(seconds)}s",
-        "--host", f"http://127.0.0.1:{port}", "--csv", str(out_prefix), "--only-summary", "--loglevel", "WARNING",
-        "--exit-code-on-error", "0", "--stop-timeout", "10",
+        "taskset",
+        "--cpu-list",
+        cpus,
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(REPO / "locustfile.py"),
+        "--headless",
+        "--users",
+        str(users),
+        "--spawn-rate",
+        str(users),
+        "--run-time",
+        f"{int(seconds)}s",
+        "--host",
+        f"http://127.0.0.1:{port}",
+        "--csv",
+        str(out_prefix),
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+        "--stop-timeout",
+        "10",
     ]
     with out_prefix.with_name(out_prefix.name + "_locust.log").open("w") as log:
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=seconds + 120)
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=seconds + 120)
     if result.returncode != 0 or not latency_log.exists():
         raise ServiceFailed(f"locust failed with exit code {result.returncode} (see {log.name})")
     return summarize_latencies(latency_log, failures_csv=Path(f"{out_prefix}_failures.csv"))
@@ -97,7 +150,7 @@ def summarize_latencies(latency_log: Path, failures_csv: Path) -> dict:
     window_s = float(end.max() - (end - latency_ms / 1000).min())
     succeeded = latency_ms[ok]
     summary = {
-        "requests": int(len(rows)),
+        "requests": len(rows),
         "failures": int((~ok).sum()),
         "failure_kinds": failure_kinds(failures_csv),
         "window_s": round(window_s, 2),

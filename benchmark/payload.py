@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from weather.cache import cache_root
 from weather.photos import photo_paths
 
 WIDTH, HEIGHT = 1200, 727
@@ -24,8 +25,6 @@ SOURCE_PHOTO = "grace_hopper"
 
 
 def default_payload_path() -> Path:
-    from model_import.demo import cache_root
-
     return cache_root() / f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}.json"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 MISSING = "—"
 COLORS = {"torch": "#d9822b", "onnx": "#2b83d9", "rust": "#3aa655"}
@@ -41,9 +41,11 @@ def markdown(results: dict, charts: list[str]) -> str:
         f"Each service alone on CPU {settings['service_cpus']} ({settings['workers_per_service']} worker(s), "
         f"{settings['intra_op_threads_per_worker']} intra-op thread each); Locust on CPU {settings['locust_cpus']} "
         f"with {settings['users']} users, after a {settings['warmup_s']} s warm-up; "
-        + (f"{settings['request_limit']:,} requests measured (or {settings['duration_s']} s, whichever came first)."
-           if settings["request_limit"]
-           else f"{settings['duration_s']} s measured."),
+        + (
+            f"{settings['request_limit']:,} requests measured (or {settings['duration_s']} s, whichever came first)."
+            if settings["request_limit"]
+            else f"{settings['duration_s']} s measured."
+        ),
         f"Payload: {setup['payload']['bytes']:,} bytes ({setup['payload']['source']}).",
         "",
     ]
@@ -62,23 +64,37 @@ def markdown(results: dict, charts: list[str]) -> str:
         ("latency p99 (ms)", lambda s: value(s, "load", "p99_ms")),
         ("latency max (ms)", lambda s: value(s, "load", "max_ms")),
         ("requests / failed", lambda s: f"{value(s, 'load', 'requests')} / {value(s, 'load', 'failures')}"),
-        ("server CPU mean / peak (%)",
-         lambda s: f"{value(s, 'resources', 'cpu_percent_mean', 0)} / {value(s, 'resources', 'cpu_percent_peak', 0)}"),
-        ("resident memory mean / peak (MB)",
-         lambda s: f"{value(s, 'resources', 'rss_mb_mean', 0)} / {value(s, 'resources', 'rss_mb_peak', 0)}"),
+        (
+            "server CPU mean / peak (%)",
+            lambda s: (
+                f"{value(s, 'resources', 'cpu_percent_mean', 0)} / {value(s, 'resources', 'cpu_percent_peak', 0)}"
+            ),
+        ),
+        (
+            "resident memory mean / peak (MB)",
+            lambda s: f"{value(s, 'resources', 'rss_mb_mean', 0)} / {value(s, 'resources', 'rss_mb_peak', 0)}",
+        ),
         ("image size (MB)", lambda s: value(s, None, "image_size_mb")),
-        ("start → /readyz median / p95 (s)",
-         lambda s: f"{value(s, 'startup', 'readyz_s_median', 3)} / {value(s, 'startup', 'readyz_s_p95', 3)}"),
+        (
+            "start → /readyz median / p95 (s)",
+            lambda s: f"{value(s, 'startup', 'readyz_s_median', 3)} / {value(s, 'startup', 'readyz_s_p95', 3)}",
+        ),
         ("start → first /predict median (s)", lambda s: value(s, "startup", "first_predict_s_median", 3)),
     ]
     lines += ["## Results", "", header, rule]
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(services[n]) for n in names) + " |")
 
-    lines += ["", "## Ceilings and ratios", "",
-              "The ceiling is the same work (JSON, base64, decode, preprocess, inference, response JSON) done in-process on one "
-              "thread of the same CPU, as fast as possible.", "", "| runtime | in-process requests/s | mean (ms) |",
-              "|---|---:|---:|"]
+    lines += [
+        "",
+        "## Ceilings and ratios",
+        "",
+        "The ceiling is the same work (JSON, base64, decode, preprocess, inference, response JSON) done in-process "
+        "on one thread of the same CPU, as fast as possible.",
+        "",
+        "| runtime | in-process requests/s | mean (ms) |",
+        "|---|---:|---:|",
+    ]
     for runtime, ceiling in results["ceilings"].items():
         if "error" in ceiling:
             lines.append(f"| {runtime} | not measured: {ceiling['error']} | |")
@@ -102,9 +118,14 @@ def draw_charts(results: dict, run_dir: Path) -> list[str]:
         figure, axis = plt.subplots(figsize=(7, 4))
         heights = [v if v is not None else 0 for v in values]
         bars = axis.bar(titles, heights, color=colors)
-        for bar, v in zip(bars, values):
-            axis.annotate("failed" if v is None else f"{v:,.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                          ha="center", va="bottom", fontsize=9)
+        for bar, v in zip(bars, values, strict=True):
+            axis.annotate(
+                "failed" if v is None else f"{v:,.3g}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=9,
+            )
         if log and any(heights):
             axis.set_yscale("log")
         axis.set_title(title)
@@ -122,12 +143,19 @@ def draw_charts(results: dict, run_dir: Path) -> list[str]:
     figure, axis = plt.subplots(figsize=(7, 4))
     percentiles = ["p50_ms", "p90_ms", "p95_ms", "p99_ms"]
     width = 0.8 / max(len(services), 1)
-    for i, (service, color) in enumerate(zip(services.values(), colors)):
+    for i, (service, color) in enumerate(zip(services.values(), colors, strict=True)):
         load = service.get("load", {})
-        axis.bar([p + i * width for p in range(len(percentiles))], [load.get(k) or 0 for k in percentiles],
-                 width, label=service["title"], color=color)
-    axis.set_xticks([p + width * (len(services) - 1) / 2 for p in range(len(percentiles))],
-                    [k.removesuffix("_ms") for k in percentiles])
+        axis.bar(
+            [p + i * width for p in range(len(percentiles))],
+            [load.get(k) or 0 for k in percentiles],
+            width,
+            label=service["title"],
+            color=color,
+        )
+    axis.set_xticks(
+        [p + width * (len(services) - 1) / 2 for p in range(len(percentiles))],
+        [k.removesuffix("_ms") for k in percentiles],
+    )
     axis.set_ylabel("ms")
     axis.set_title("Latency percentiles")
     axis.legend()
@@ -136,10 +164,19 @@ def draw_charts(results: dict, run_dir: Path) -> list[str]:
     plt.close(figure)
     drawn.append("latency.png")
 
-    bar_chart("memory.png", "Peak resident memory under load", "MB",
-              [get(s, "resources", "rss_mb_peak") for s in services.values()])
+    bar_chart(
+        "memory.png",
+        "Peak resident memory under load",
+        "MB",
+        [get(s, "resources", "rss_mb_peak") for s in services.values()],
+    )
     if results["setup"]["mode"] == "container":
         bar_chart("image_size.png", "Image size", "MB", [get(s, None, "image_size_mb") for s in services.values()])
-    bar_chart("startup.png", "Start to /readyz (median)", "s (log scale)",
-              [get(s, "startup", "readyz_s_median") for s in services.values()], log=True)
+    bar_chart(
+        "startup.png",
+        "Start to /readyz (median)",
+        "s (log scale)",
+        [get(s, "startup", "readyz_s_median") for s in services.values()],
+        log=True,
+    )
     return drawn

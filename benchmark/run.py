@@ -14,28 +14,30 @@ import json
 import os
 import platform
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from benchmark.measure import ResourceSampler, run_locust, startup_times
+from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction, run_locust, startup_times
 from benchmark.payload import load_payload
-from benchmark.services import (
-    REPO, RUST_BINARY, RUST_CEILING, SERVICES, Running, ServiceFailed, check_prediction, free_port, image_size_mb,
-    onnxruntime_library,
-)
+from harness import REPO, docker
+from harness.launch import LaunchError, Running, free_port, resolve, service_container, service_process
+from weather import contract
+from weather.registry import TORCH_MODEL, Service
 
 READY_TIMEOUT_S = 180
+
+
+class SettingsError(Exception):
+    """The run cannot be set up as asked; the message says why."""
 
 
 @dataclass
 class Settings:
     profile: str
     mode: str
-    services: list[str]
+    services: list[Service]
     cpus_per_service: int
     users: int
     duration_s: int
@@ -57,15 +59,22 @@ class Settings:
     def _cpus(self) -> list[int]:
         available = sorted(os.sched_getaffinity(0))
         if len(available) <= self.cpus_per_service:
-            raise SystemExit(
-                f"error: {self.cpus_per_service} CPU(s) per service leaves none of the {len(available)} for Locust"
+            raise SettingsError(
+                f"{self.cpus_per_service} CPU(s) per service leaves none of the {len(available)} for Locust"
             )
         return available
 
 
 PROFILES = {
-    "quick": dict(users=16, duration_s=20, warmup_s=5, startup_runs=3, ceiling_s=8, request_limit=None),
-    "full": dict(users=50, duration_s=3600, warmup_s=15, startup_runs=15, ceiling_s=20, request_limit=40_000),
+    "quick": {"users": 16, "duration_s": 20, "warmup_s": 5, "startup_runs": 3, "ceiling_s": 8, "request_limit": None},
+    "full": {
+        "users": 50,
+        "duration_s": 3600,
+        "warmup_s": 15,
+        "startup_runs": 15,
+        "ceiling_s": 20,
+        "request_limit": 40_000,
+    },
 }
 
 
@@ -81,17 +90,20 @@ def run(settings: Settings) -> dict:
     payload_path = out / "payload.json"
     payload_path.write_bytes(payload)
     acceptable = acceptable_labels(payload)
-    progress(f"run {run_id}: {settings.mode} mode, services on CPU {settings.service_cpus}, "
-             f"Locust on CPU {settings.locust_cpus}, results in {out}")
+    progress(
+        f"run {run_id}: {settings.mode} mode, services on CPU {settings.service_cpus}, "
+        f"Locust on CPU {settings.locust_cpus}, results in {out}"
+    )
 
     results = {"setup": setup(settings, run_id, payload, acceptable), "services": {}, "ceilings": {}}
-    for index, name in enumerate(settings.services, 1):
-        progress(f"[{index}/{len(settings.services)}] {SERVICES[name].title}")
-        results["services"][name] = measure_service(name, settings, out, payload, payload_path, acceptable)
+    for index, service in enumerate(settings.services, 1):
+        progress(f"[{index}/{len(settings.services)}] {service.title}")
+        results["services"][service.name] = measure_service(service, settings, out, payload, payload_path, acceptable)
         write(out, results)
-    for runtime in sorted({SERVICES[name].runtime for name in settings.services}):
-        progress(f"ceiling: {runtime} in-process on CPU {settings.service_cpus.split(',')[0]}")
-        results["ceilings"][runtime] = measure_ceiling(runtime, settings, payload_path)
+    for service in settings.services:
+        if "load" in results["services"][service.name]:  # a ceiling says what serving costs: only for one that served
+            progress(f"ceiling: {service.name} in-process on CPU {settings.service_cpus.split(',')[0]}")
+            results["ceilings"][service.name] = measure_ceiling(service, settings, payload_path)
     results["ratios"] = ratios(results)
     write(out, results)
 
@@ -103,17 +115,20 @@ def run(settings: Settings) -> dict:
 
 
 def acceptable_labels(payload: bytes) -> list[str]:
-    """Labels a correct service may answer: the reference's top-1, and any within 0.05 of it."""
+    """Labels a correct service may answer: the reference's top-1, and any within TOP2_MARGIN of it."""
     import bentoml
 
     from bentos.common import image_bytes
     from bentos.imaging import decode_rgb
-    from weather.contract import LABELS
     from weather.torch_model import load_model, reference_probabilities
 
-    model = load_model(bentoml.models.get("weather-torch:latest").path_of("model.pt"))
+    model = load_model(bentoml.models.get(TORCH_MODEL.latest).path_of(TORCH_MODEL.file))
     probabilities = reference_probabilities(model, [decode_rgb(image_bytes(payload))])[0]
-    return [label for label, p in zip(LABELS, probabilities) if p >= probabilities.max() - 0.05]
+    return [
+        label
+        for label, p in zip(contract.LABELS, probabilities, strict=True)
+        if p >= probabilities.max() - contract.TOP2_MARGIN
+    ]
 
 
 def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]) -> dict:
@@ -121,8 +136,10 @@ def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]
 
     return {
         "run_id": run_id,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_sha": subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
         "host": {
             "cpu_model": cpu_model(),
             "cores": os.cpu_count(),
@@ -130,11 +147,14 @@ def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]
             "kernel": platform.release(),
         },
         "mode": settings.mode,
-        "versions": {"python": platform.python_version(),
-                     **{p: version(p) for p in ("bentoml", "torch", "onnxruntime", "locust")}},
+        "versions": {
+            "python": platform.python_version(),
+            **{p: version(p) for p in ("bentoml", "torch", "onnxruntime", "locust")},
+        },
+        "measured": {service.name: measured_version(service, settings.mode) for service in settings.services},
         "settings": {
             "profile": settings.profile,
-            "services": settings.services,
+            "services": [service.name for service in settings.services],
             "cpus_per_service": settings.cpus_per_service,
             "service_cpus": settings.service_cpus,
             "locust_cpus": settings.locust_cpus,
@@ -147,10 +167,37 @@ def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]
             "startup_runs": settings.startup_runs,
             "ceiling_s": settings.ceiling_s,
         },
-        "payload": {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-                    "source": str(settings.payload or "generated (benchmark/payload.py)"),
-                    "acceptable_labels": acceptable},
+        "payload": {
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "source": str(settings.payload or "generated (benchmark/payload.py)"),
+            "acceptable_labels": acceptable,
+        },
     }
+
+
+def measured_version(service: Service, mode: str) -> dict:
+    """What exactly is measured: the model version (tag, sha256 of its file) and, in containers, the image."""
+    import bentoml
+
+    found: dict = {}
+    if mode == "container":
+        image = f"{service.image}:latest"
+        found["image"] = image
+        found["image_id"] = docker.image_id(image)
+        tag = docker.label(image, docker.MODEL_LABEL) if found["image_id"] else None
+    else:
+        tag = service.model.latest
+    if tag is None:
+        return found
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        found["model_tag"] = tag  # not in this store (an image built from another one)
+        return found
+    found["model_tag"] = str(model.tag)
+    found["model_sha256"] = model.info.metadata["files"][service.model.file]["sha256"]
+    return found
 
 
 def cpu_model() -> str:
@@ -160,42 +207,60 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_service(name: str, settings: Settings, out: Path, payload: bytes, payload_path: Path,
-                    acceptable: list[str]) -> dict:
-    service = SERVICES[name]
+def measure_service(
+    service: Service, settings: Settings, out: Path, payload: bytes, payload_path: Path, acceptable: list[str]
+) -> dict:
+    name = service.name
     result: dict = {"title": service.title, "status": "failed"}
     if settings.mode == "container":
-        result["image_size_mb"] = image_size_mb(service.image)
-        if result["image_size_mb"] is None:
+        size = docker.size_mb(f"{service.image}:latest")
+        result["image_size_mb"] = None if size is None else round(size, 1)
+        if size is None:
             result["error"] = f"image {service.image}:latest not found: build it with `make images`"
             progress(f"  FAILED: {result['error']}")
             return result
-    elif name == "rust" and not RUST_BINARY.exists():
-        result["error"] = f"{RUST_BINARY} not found: build it with `cargo build --release` in rust_service/"
-        progress(f"  FAILED: {result['error']}")
-        return result
 
     def make_running() -> Running:
-        return Running(service, settings.mode, free_port(), settings.service_cpus, out / f"{name}.log")
+        cpus, workers, log = settings.service_cpus, settings.cpus_per_service, out / f"{name}.log"
+        if settings.mode == "container":
+            return service_container(service, free_port(), cpuset=cpus, workers=workers, log_path=log)
+        return service_process(service, free_port(), cpus=cpus, workers=workers, log_path=log)
 
-    running = make_running()
+    try:
+        running = make_running()
+    except LaunchError as failure:
+        result["error"] = str(failure)
+        progress(f"  FAILED: {failure}")
+        return result
     try:
         started = running.start()
         ready_s = running.wait_ready(started, READY_TIMEOUT_S)
         check_prediction(running.port, payload, acceptable)
         progress(f"  ready in {ready_s:.2f} s and answering correctly; warm-up {settings.warmup_s} s")
-        run_locust(running.port, settings.users, settings.warmup_s, settings.locust_cpus, payload_path,
-                   out / f"{name}_warmup")
-        progress(f"  load: {settings.users} users for {settings.request_limit or settings.duration_s}"
-                 f"{' requests' if settings.request_limit else ' s'}")
+        run_locust(
+            running.port, settings.users, settings.warmup_s, settings.locust_cpus, payload_path, out / f"{name}_warmup"
+        )
+        progress(
+            f"  load: {settings.users} users for {settings.request_limit or settings.duration_s}"
+            f"{' requests' if settings.request_limit else ' s'}"
+        )
         with ResourceSampler(running) as sampler:
-            result["load"] = run_locust(running.port, settings.users, settings.duration_s, settings.locust_cpus,
-                                        payload_path, out / name, settings.request_limit)
+            result["load"] = run_locust(
+                running.port,
+                settings.users,
+                settings.duration_s,
+                settings.locust_cpus,
+                payload_path,
+                out / name,
+                settings.request_limit,
+            )
         result["resources"] = sampler.summary()
         load = result["load"]
-        progress(f"  {load['rps']} req/s, p50 {load.get('p50_ms')} ms, p99 {load.get('p99_ms')} ms, "
-                 f"{load['failures']} failures, peak RSS {result['resources'].get('rss_mb_peak')} MB")
-    except ServiceFailed as failure:
+        progress(
+            f"  {load['rps']} req/s, p50 {load.get('p50_ms')} ms, p99 {load.get('p99_ms')} ms, "
+            f"{load['failures']} failures, peak RSS {result['resources'].get('rss_mb_peak')} MB"
+        )
+    except (LaunchError, ServiceFailed) as failure:
         result["error"] = str(failure)
         progress(f"  FAILED: {failure}")
         return result
@@ -206,7 +271,7 @@ def measure_service(name: str, settings: Settings, out: Path, payload: bytes, pa
         progress(f"  start-up: {settings.startup_runs} cold starts")
         result["startup"] = startup_times(make_running, settings.startup_runs, payload, acceptable, READY_TIMEOUT_S)
         progress(f"  start to /readyz: median {result['startup']['readyz_s_median']:.3f} s")
-    except ServiceFailed as failure:
+    except (LaunchError, ServiceFailed) as failure:
         result["error"] = f"start-up: {failure}"
         progress(f"  FAILED: {result['error']}")
         return result
@@ -214,19 +279,22 @@ def measure_service(name: str, settings: Settings, out: Path, payload: bytes, pa
     return result
 
 
-def measure_ceiling(runtime: str, settings: Settings, payload_path: Path) -> dict:
+def measure_ceiling(service: Service, settings: Settings, payload_path: Path) -> dict:
+    """The service's request pipeline in-process on the first of its CPUs (its registry ``ceiling`` command)."""
     cpu = settings.service_cpus.split(",")[0]
-    env = dict(os.environ)
-    if runtime == "rust":
-        if not RUST_CEILING.exists():
-            return {"error": f"{RUST_CEILING} not found: `cargo build --release --example ceiling` in rust_service/"}
-        command = [str(RUST_CEILING), str(payload_path), str(settings.ceiling_s)]
-        env["ORT_DYLIB_PATH"] = onnxruntime_library()
-    else:
-        command = [sys.executable, "-m", "benchmark.ceiling", "--runtime", runtime,
-                   "--payload", str(payload_path), "--seconds", str(settings.ceiling_s)]
-    result = subprocess.run(["taskset", "--cpu-list", cpu, *command], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=settings.ceiling_s + 180)
+    try:
+        command = resolve(service.ceiling, payload=str(payload_path), seconds=str(settings.ceiling_s))
+        env = {**os.environ, **{key: resolve([value])[0] for key, value in service.environment.items()}}
+    except LaunchError as failure:
+        return {"error": str(failure)}
+    result = subprocess.run(
+        ["taskset", "--cpu-list", cpu, *command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=settings.ceiling_s + 180,
+    )
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -243,8 +311,8 @@ def ratios(results: dict) -> dict:
     if rps("rust") and rps("onnx"):
         found["rust_vs_onnx_rps"] = round(rps("rust") / rps("onnx"), 3)
     cpus = results["setup"]["settings"]["cpus_per_service"]
-    for name, service in results["services"].items():
-        ceiling = results["ceilings"].get(SERVICES[name].runtime, {}).get("rps")
+    for name in results["services"]:
+        ceiling = results["ceilings"].get(name, {}).get("rps")
         if rps(name) and ceiling:
             found[f"{name}_vs_ceiling_per_core"] = round(rps(name) / (ceiling * cpus), 3)
     return found

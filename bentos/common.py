@@ -20,8 +20,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import anyio
 import anyio.to_thread
@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bentos import imaging, settings
+from weather import contract
 
 log = logging.getLogger("bentoml.weather")
 
@@ -84,7 +85,11 @@ def prediction(labels: tuple[str, ...], probabilities: np.ndarray) -> dict:
     """The response body for one image's probabilities (in label order)."""
     values = probabilities.tolist()
     best = max(range(len(values)), key=values.__getitem__)
-    return {"prediction": labels[best], "probability": values[best], "probabilities": dict(zip(labels, values))}
+    return {
+        "prediction": labels[best],
+        "probability": values[best],
+        "probabilities": dict(zip(labels, values, strict=True)),
+    }
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,9 @@ class Pipeline:
     exact_crop: bool = False
 
     @classmethod
-    def from_metadata(cls, metadata: dict, probabilities: Callable[[Image.Image], np.ndarray], exact_crop: bool = False) -> Pipeline:
+    def from_metadata(
+        cls, metadata: dict, probabilities: Callable[[Image.Image], np.ndarray], exact_crop: bool = False
+    ) -> Pipeline:
         """Labels and preprocessing from a model's metadata (written by model_import)."""
         imaging.check_input_contract(metadata["input_contract"])
         labels = tuple(metadata["labels"])
@@ -118,7 +125,7 @@ class Pipeline:
         for body in _warm_up_bodies():
             result = self.predict(body)
             total = sum(result["probabilities"].values())
-            if len(result["probabilities"]) != len(self.labels) or abs(total - 1.0) > 1e-4:
+            if len(result["probabilities"]) != len(self.labels) or abs(total - 1.0) > contract.SUM_TOLERANCE:
                 raise ValueError(f"the model's output does not match its {len(self.labels)} labels (sum {total:.6f})")
 
 

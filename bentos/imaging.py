@@ -14,6 +14,7 @@ from PIL import Image
 
 from bentos import settings
 from weather import contract
+from weather.errors import first_line
 
 FORMATS = ("JPEG", "PNG")
 
@@ -40,19 +41,14 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
     try:
         image.load()
     except Exception as exc:  # OSError (truncated), SyntaxError (broken PNG chunk), ValueError, ...
-        raise ImageError(f"the image is truncated or corrupt ({_first_line(exc)})") from None
+        raise ImageError(f"the image is truncated or corrupt ({first_line(exc)})") from None
     if image.mode == "RGB":
         return image
     try:
         # As the reference does: palette looked up, alpha dropped (not composited), CMYK converted.
         return image.convert("RGB")
     except Exception as exc:
-        raise ImageError(f"cannot convert an image of mode {image.mode} to RGB ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+        raise ImageError(f"cannot convert an image of mode {image.mode} to RGB ({first_line(exc)})") from None
 
 
 def center_crop(image: Image.Image, exact: bool = False) -> Image.Image:

@@ -15,12 +15,10 @@ from bentoml.models import BentoModel
 from PIL import Image
 
 from bentos import common, settings
+from weather.registry import ONNX_MODEL
 
 with bentoml.importing():
     import onnxruntime as ort
-
-MODEL_TAG = "weather-onnx:latest"
-MODEL_FILE = "model.onnx"
 
 
 def load_pipeline(model: bentoml.Model) -> common.Pipeline:
@@ -37,7 +35,7 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Optimizing at load time for this CPU; an optimized file would not be portable.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(model.path_of(MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.path_of(ONNX_MODEL.file), options, providers=["CPUExecutionProvider"])
 
     def probabilities(image: Image.Image) -> np.ndarray:
         # The uint8 pixels go to the graph as they are: no float copy, no transpose here.
@@ -49,7 +47,7 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
 @bentoml.service(**common.service_options())
 @bentoml.asgi_app(common.predict_app())
 class OnnxClassifier:
-    model = BentoModel(MODEL_TAG)
+    model = BentoModel(ONNX_MODEL.latest)
 
     def __init__(self) -> None:
         self.classifier = common.Classifier(lambda: load_pipeline(self.model))

@@ -20,6 +20,8 @@ import math
 import os
 from pathlib import Path
 
+from weather import contract
+
 
 def env_int(name: str, default: int) -> int:
     """A positive integer from the environment; unset or empty means ``default``."""
@@ -46,5 +48,5 @@ def usable_cpus() -> int:
 WORKERS = env_int("WORKERS", 0) or usable_cpus()
 WORKER_THREADS = env_int("WORKER_THREADS", 1)
 INTRA_THREADS = env_int("INTRA_THREADS", 1)
-MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", 16 * 1024 * 1024)
-MAX_PIXELS = env_int("MAX_PIXELS", 40_000_000)
+MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", contract.MAX_BODY_BYTES)
+MAX_PIXELS = env_int("MAX_PIXELS", contract.MAX_PIXELS)

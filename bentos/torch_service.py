@@ -12,21 +12,21 @@ from the model's metadata.
 
 from __future__ import annotations
 
+import contextlib
+
 import bentoml
 import numpy as np
 from bentoml.models import BentoModel
 from PIL import Image
 
 from bentos import common, settings
+from weather.registry import TORCH_MODEL
 
 with bentoml.importing():
     import torch
     import torchvision.transforms.functional as F
 
     from weather.torch_model import load_model
-
-MODEL_TAG = "weather-torch:latest"
-MODEL_FILE = "model.pt"
 
 
 def load_pipeline(model: bentoml.Model) -> common.Pipeline:
@@ -35,7 +35,7 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
     metadata = model.info.metadata
     in_graph = metadata["input_contract"]["in_graph"]
     mean, std = list(in_graph["mean"]), list(in_graph["std"])
-    network = load_model(model.path_of(MODEL_FILE))  # eval mode
+    network = load_model(model.path_of(TORCH_MODEL.file))  # eval mode
 
     def probabilities(image: Image.Image) -> np.ndarray:
         with torch.inference_mode():
@@ -49,13 +49,13 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
 @bentoml.service(**common.service_options())
 @bentoml.asgi_app(common.predict_app())
 class TorchClassifier:
-    model = BentoModel(MODEL_TAG)
+    model = BentoModel(TORCH_MODEL.latest)
 
     def __init__(self) -> None:
-        try:
-            torch.set_num_interop_threads(1)  # the model runs one operator at a time anyway
-        except RuntimeError:  # only allowed once, before any parallel work (in a worker, it is first)
-            pass
+        # The model runs one operator at a time anyway. Only allowed once, before any parallel
+        # work: in a worker this is first; in a process that already ran torch it raises.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
         self.classifier = common.Classifier(lambda: load_pipeline(self.model))
 
     def __is_ready__(self) -> bool:

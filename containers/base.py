@@ -41,7 +41,9 @@ import time
 import zipfile
 from pathlib import Path
 
-from containers import docker
+from containers.errors import BuildError
+from harness import docker
+from weather.cache import cache_root
 
 BASE_IMAGE = "model-serving-base:bookworm-py311"
 RECIPE_LABEL = "org.model-serving.base-recipe"
@@ -55,7 +57,7 @@ PACKAGES = ["python3", "passwd", "ca-certificates", "libstdc++6"]
 PYTHON_VERSION = "3.11"  # bookworm's python3
 UV_VERSION = "0.13.9"  # BentoML's Dockerfile needs uv >= 0.13.4 (or a pip allowed to install system-wide)
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "model-serving" / "containers"
+CACHE = cache_root() / "containers"
 
 DPKG_OPTIONS = [
     "path-exclude=/usr/share/doc/*",
@@ -95,7 +97,10 @@ def recipe_hash() -> str:
         "apt": APT_OPTIONS,
         "changes": IMAGE_CHANGES,
         "uv": UV_VERSION,
-        "ca": {str(path.relative_to(EXTRA_CA_DIR)): hashlib.sha256(path.read_bytes()).hexdigest() for path in extra_ca_certificates()},
+        "ca": {
+            str(path.relative_to(EXTRA_CA_DIR)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in extra_ca_certificates()
+        },
         "variant": "essential",
         "recipe-version": 1,
     }
@@ -112,7 +117,7 @@ def ensure_mmdebstrap() -> str:
     if found:
         return found
     if os.geteuid() != 0:
-        raise SystemExit("containers: mmdebstrap is missing: `sudo apt-get install mmdebstrap` (Debian/Ubuntu), then re-run")
+        raise BuildError("mmdebstrap is missing: `sudo apt-get install mmdebstrap` (Debian/Ubuntu), then re-run")
     log("installing mmdebstrap with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "mmdebstrap"]
@@ -133,7 +138,18 @@ def uv_binary() -> Path:
     if wheel is None:
         log(f"downloading the uv {UV_VERSION} wheel from PyPI")
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", f"uv=={UV_VERSION}", "--dest", str(wheels)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                f"uv=={UV_VERSION}",
+                "--dest",
+                str(wheels),
+            ],
             check=True,
         )
         wheel = next(iter(sorted(wheels.glob(f"uv-{UV_VERSION}-*.whl"))))
@@ -172,14 +188,16 @@ def build(image: str = BASE_IMAGE) -> None:
             f"--customize-hook=copy-in {staging / 'bin' / 'uv'} /usr/local/bin",
         ]
         if cas:
+            copied = " ".join(str(staging / "ca" / ca.name) for ca in cas)
             command += [
-                f"--customize-hook=copy-in {' '.join(str(staging / 'ca' / ca.name) for ca in cas)} /usr/local/share/ca-certificates",
+                f"--customize-hook=copy-in {copied} /usr/local/share/ca-certificates",
                 '--customize-hook=chroot "$1" update-ca-certificates',
             ]
         command += [
             '--customize-hook=chroot "$1" python3 --version',
             '--customize-hook=chroot "$1" uv --version',
-            '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/apt/* "$1"/var/log/dpkg.log "$1"/var/log/alternatives.log',
+            '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/apt/* '
+            '"$1"/var/log/dpkg.log "$1"/var/log/alternatives.log',
             SUITE,
             str(rootfs),
             f"deb {MIRROR} {SUITE} main",
@@ -190,7 +208,10 @@ def build(image: str = BASE_IMAGE) -> None:
         labels = {
             RECIPE_LABEL: recipe_hash(),
             CA_LABEL: ",".join(ca.name for ca in cas),
-            "org.opencontainers.image.description": f"Debian {SUITE} (essential), Python {PYTHON_VERSION}, uv {UV_VERSION}: local base image for BentoML bentos",
+            "org.opencontainers.image.description": (
+                f"Debian {SUITE} (essential), Python {PYTHON_VERSION}, uv {UV_VERSION}: "
+                "local base image for BentoML bentos"
+            ),
         }
         changes = [*IMAGE_CHANGES, *(f"LABEL {key}={json.dumps(value)}" for key, value in labels.items())]
         previous = docker.image_id(image)
@@ -218,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if a current image exists")
     parser.add_argument("--image", default=BASE_IMAGE, help=f"image name (default {BASE_IMAGE})")
     args = parser.parse_args(argv)
-    ensure(args.image, force=args.force)
+    try:
+        ensure(args.image, force=args.force)
+    except (BuildError, subprocess.CalledProcessError) as error:
+        print(f"containers: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

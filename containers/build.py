@@ -57,34 +57,17 @@ from pathlib import Path
 
 import yaml
 
-from containers import base, docker
+from containers import base
+from containers.errors import BuildError
+from harness import REPO, docker
+from harness.docker import BASE_ID_LABEL, BENTO_LABEL, MODEL_LABEL
+from weather.registry import BENTOS, SERVICES, Model, Service
 
-REPO = Path(__file__).resolve().parents[1]
 REGISTRY_BASE = "python:3.11-slim"  # BentoML's own base image for distro debian, Python 3.11
-BASE_ID_LABEL = "org.model-serving.base-image-id"
-BENTO_LABEL = "org.model-serving.bento"
-MODEL_LABEL = "org.model-serving.model"
 LAYOUT = "v1"  # BENTOML_ENABLE_FEATURES=no_image, see the module docstring
 # The CLI in this interpreter; quiet about the duplicate --quiet option click warns of.
 BENTOML = [sys.executable, "-W", "ignore::UserWarning", "-m", "bentoml"]
-
-
-@dataclass(frozen=True)
-class BentoTarget:
-    key: str
-    bentofile: str  # relative to the repo root, the build context
-    model: str  # the model the service bundles (its BentoModel("NAME:latest"))
-    image: str
-
-
-BENTOS = {
-    "onnx": BentoTarget("onnx", "bentofile.yaml", "weather-onnx", "weather-onnx-service"),
-    "torch": BentoTarget("torch", "bentos/bentofile.torch.yaml", "weather-torch", "weather-torch-service"),
-}
-RUST_IMAGE = "weather-rust-service"
-RUST_MODEL = "weather-onnx"
 RUST_SCRIPT = REPO / "rust_service" / "build-image.sh"
-ALL = ("onnx", "torch", "rust")
 
 
 @dataclass
@@ -104,15 +87,16 @@ def log(message: str) -> None:
     print(f"containers: {message}", file=sys.stderr, flush=True)
 
 
-def bentoml_home() -> Path:
-    return Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+def stored_model(model: Model):
+    """The newest version of ``model`` in the BentoML store (a ``bentoml.Model``)."""
+    import bentoml
 
-
-def model_version(name: str) -> str:
-    latest = bentoml_home() / "models" / name / "latest"
-    if not latest.is_file():
-        raise SystemExit(f"containers: no model {name} in the BentoML store at {bentoml_home()}: run `python -m model_import demo` (make run) first")
-    return latest.read_text().strip()
+    try:
+        return bentoml.models.get(model.latest)
+    except bentoml.exceptions.NotFound:
+        raise BuildError(
+            f"no model {model.name} in the BentoML store: run `python -m model_import demo` (make run) first"
+        ) from None
 
 
 def choose_base(mode: str) -> str:
@@ -120,7 +104,7 @@ def choose_base(mode: str) -> str:
         return base.ensure()
     if mode == "registry":
         if docker.inspect_image(REGISTRY_BASE) is None and not docker.pull(REGISTRY_BASE):
-            raise SystemExit(f"containers: cannot pull {REGISTRY_BASE}; use --local-base")
+            raise BuildError(f"cannot pull {REGISTRY_BASE}; use --local-base")
         return REGISTRY_BASE
     if docker.inspect_image(REGISTRY_BASE) is not None:
         log(f"using {REGISTRY_BASE} (present locally)")
@@ -132,12 +116,12 @@ def choose_base(mode: str) -> str:
     return base.ensure()
 
 
-def generated_bentofile(target: BentoTarget, base_image: str) -> dict:
-    config = yaml.safe_load((REPO / target.bentofile).read_text())
+def generated_bentofile(service: Service, base_image: str) -> dict:
+    config = yaml.safe_load((REPO / service.bento.bentofile).read_text())
     docker_options = dict(config.get("docker") or {})
     ignored = sorted(set(docker_options) & {"distro", "python_version", "cuda_version", "system_packages"})
     if ignored:
-        log(f"{target.bentofile}: docker.{', docker.'.join(ignored)} ignored: the base image is {base_image}")
+        log(f"{service.bento.bentofile}: docker.{', docker.'.join(ignored)} ignored: the base image is {base_image}")
     docker_options["base_image"] = base_image
     config["docker"] = docker_options
     return config
@@ -147,7 +131,9 @@ def included_files(config: dict) -> list[Path]:
     """The files ``include`` selects (relative to the repo root), for the content hash."""
     patterns = config.get("include")
     if not patterns:  # BentoML's default is the whole context: hash what git tracks
-        listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+        listed = subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+        )
         return sorted(REPO / line for line in listed.stdout.splitlines() if (REPO / line).is_file())
     files: set[Path] = set()
     for pattern in patterns:
@@ -161,18 +147,29 @@ def included_files(config: dict) -> list[Path]:
     return sorted(files)
 
 
-def bento_version(target: BentoTarget, config: dict) -> str:
+def bento_version(service: Service, config: dict) -> str:
     import bentoml
 
     digest = hashlib.sha256()
-    digest.update(json.dumps({"bentofile": config, "layout": LAYOUT, "bentoml": bentoml.__version__, "model": f"{target.model}:{model_version(target.model)}"}, sort_keys=True).encode())
+    model = str(stored_model(service.model).tag)
+    digest.update(
+        json.dumps(
+            {"bentofile": config, "layout": LAYOUT, "bentoml": bentoml.__version__, "model": model}, sort_keys=True
+        ).encode()
+    )
     for path in included_files(config):
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
 
 def bento_exists(name: str, version: str) -> bool:
-    return (bentoml_home() / "bentos" / name / version / "bento.yaml").is_file()
+    import bentoml
+
+    try:
+        bentoml.bentos.get(f"{name}:{version}")
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
 
 
 def bentoml_env() -> dict[str, str]:
@@ -185,101 +182,154 @@ def bentoml_env() -> dict[str, str]:
     return env
 
 
-def build_bento(target: BentoTarget, base_image: str, force: bool) -> tuple[str, str]:
+def build_bento(service: Service, base_image: str, force: bool) -> tuple[str, str]:
     """``bentoml build`` unless this exact bento exists; returns (bento name, version)."""
-    config = generated_bentofile(target, base_image)
+    config = generated_bentofile(service, base_image)
     name = config["name"]
-    version = bento_version(target, config)
+    version = bento_version(service, config)
     if bento_exists(name, version) and not force:
         log(f"reusing bento {name}:{version}")
         return name, version
     with tempfile.TemporaryDirectory(prefix="bentofile-") as tmp:
         bentofile = Path(tmp, "bentofile.yaml")
-        bentofile.write_text(f"# Generated by containers/build.py from {target.bentofile}: docker.base_image added.\n" + yaml.safe_dump(config, sort_keys=False))
-        log(f"bentoml build {name}:{version} (from {target.bentofile}, base {base_image})")
+        bentofile.write_text(
+            f"# Generated by containers/build.py from {service.bento.bentofile}: docker.base_image added.\n"
+            + yaml.safe_dump(config, sort_keys=False)
+        )
+        log(f"bentoml build {name}:{version} (from {service.bento.bentofile}, base {base_image})")
         if bento_exists(name, version):  # --force: replace it
-            subprocess.run([*BENTOML, "delete", "-y", f"{name}:{version}"], env=bentoml_env(), check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [*BENTOML, "delete", "-y", f"{name}:{version}"],
+                env=bentoml_env(),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         command = [*BENTOML, "build", "-f", str(bentofile), "--version", version, "--output", "tag", str(REPO)]
         subprocess.run(command, cwd=REPO, env=bentoml_env(), check=True, stdout=subprocess.DEVNULL)
     return name, version
 
 
-def containerize(target: BentoTarget, base_image: str, force: bool, latest: bool) -> Built:
+def containerize(service: Service, base_image: str, force: bool, latest: bool) -> Built:
     started = time.monotonic()
-    name, version = build_bento(target, base_image, force)
-    ref = f"{target.image}:{version}"
+    name, version = build_bento(service, base_image, force)
+    ref = f"{service.image}:{version}"
     base_id = docker.image_id(base_image)
     reused = not force and docker.label(ref, BASE_ID_LABEL) == base_id
     if reused:
         log(f"reusing image {ref} ({docker.size_mb(ref):.0f} MB)")
     else:
         log(f"bentoml containerize {name}:{version} -> {ref}")
-        labels = {BASE_ID_LABEL: base_id, BENTO_LABEL: f"{name}:{version}", MODEL_LABEL: f"{target.model}:{model_version(target.model)}"}
-        command = [*BENTOML, "containerize", f"{name}:{version}", "--image-tag", ref, "--opt", "network=host", "--opt", "force-rm"]
+        labels = {
+            BASE_ID_LABEL: base_id,
+            BENTO_LABEL: f"{name}:{version}",
+            MODEL_LABEL: str(stored_model(service.model).tag),
+        }
+        command = [
+            *BENTOML,
+            "containerize",
+            f"{name}:{version}",
+            "--image-tag",
+            ref,
+            "--opt",
+            "network=host",
+            "--opt",
+            "force-rm",
+        ]
         for key, value in labels.items():
             command += ["--opt", f"label={key}={value}"]
         subprocess.run(command, cwd=REPO, env=bentoml_env(), check=True, stdout=subprocess.DEVNULL)
         # bentoml containerize logs a failed docker build and still exits 0.
         if docker.label(ref, BENTO_LABEL) != f"{name}:{version}":
-            raise SystemExit(f"containers: bentoml containerize did not produce {ref} (see the docker build output above)")
+            raise BuildError(f"bentoml containerize did not produce {ref} (see the docker build output above)")
     if latest:
-        docker.tag(ref, f"{target.image}:latest")
-    return Built(target.key, target.image, version, time.monotonic() - started, reused)
+        docker.tag(ref, f"{service.image}:latest")
+    return Built(service.name, service.image, version, time.monotonic() - started, reused)
 
 
 def build_rust(latest: bool) -> Built:
+    """``rust_service/build-image.sh``, tagged with the version of the model it bundles."""
     started = time.monotonic()
-    version = model_version(RUST_MODEL)
-    ref = f"{RUST_IMAGE}:{version}"
-    if not RUST_SCRIPT.is_file():
-        raise SystemExit(f"containers: {RUST_SCRIPT.relative_to(REPO)} is missing")
+    service = SERVICES["rust"]
+    model = stored_model(service.model)
+    ref = f"{service.image}:{model.tag.version}"
     previous = docker.image_id(ref)
-    env = {**os.environ, "MODEL_PATH": str(bentoml_home() / "models" / RUST_MODEL / version)}
+    env = {**os.environ, "MODEL_PATH": model.path}
     if "DOCKER_BUILDKIT" not in os.environ and not docker.buildx_available():
         env["DOCKER_BUILDKIT"] = "0"
     log(f"{RUST_SCRIPT.relative_to(REPO)} {ref}")
     subprocess.run(["bash", str(RUST_SCRIPT), ref], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     if latest:
-        docker.tag(ref, f"{RUST_IMAGE}:latest")
-    return Built("rust", RUST_IMAGE, version, time.monotonic() - started, reused=previous == docker.image_id(ref))
+        docker.tag(ref, f"{service.image}:latest")
+    reused = previous == docker.image_id(ref)
+    return Built(service.name, service.image, model.tag.version, time.monotonic() - started, reused)
 
 
 def build(only: list[str], mode: str = "auto", force: bool = False, latest: bool = True) -> list[Built]:
     problem = docker.available()
     if problem:
-        raise SystemExit(f"containers: {problem}")
+        raise BuildError(problem)
     built = []
     base_image = choose_base(mode) if set(only) & set(BENTOS) else None
-    for key in only:
-        built.append(build_rust(latest) if key == "rust" else containerize(BENTOS[key], base_image, force, latest))
+    for name in only:
+        built.append(containerize(BENTOS[name], base_image, force, latest) if name in BENTOS else build_rust(latest))
     return built
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m containers.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m containers.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--local-base", dest="mode", action="store_const", const="local", help=f"use the local Debian base image {base.BASE_IMAGE} (built if needed); never pull")
-    where.add_argument("--registry-base", dest="mode", action="store_const", const="registry", help=f"use {REGISTRY_BASE} (pulled if needed)")
-    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)} (default: all)")
+    where.add_argument(
+        "--local-base",
+        dest="mode",
+        action="store_const",
+        const="local",
+        help=f"use the local Debian base image {base.BASE_IMAGE} (built if needed); never pull",
+    )
+    where.add_argument(
+        "--registry-base",
+        dest="mode",
+        action="store_const",
+        const="registry",
+        help=f"use {REGISTRY_BASE} (pulled if needed)",
+    )
+    parser.add_argument(
+        "--only", default=",".join(SERVICES), help=f"comma-separated subset of {','.join(SERVICES)} (default: all)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild the bentos and images even if they exist")
     parser.add_argument("--no-latest", dest="latest", action="store_false", help="do not move the :latest tags")
-    parser.add_argument("--json", metavar="PATH", help="also write what was built (image, version, size, seconds) to PATH as JSON")
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write what was built (image, version, size, seconds) to PATH as JSON"
+    )
     parser.set_defaults(mode="auto")
     args = parser.parse_args(argv)
     only = [key.strip() for key in args.only.split(",") if key.strip()]
-    unknown = sorted(set(only) - set(ALL))
+    unknown = sorted(set(only) - set(SERVICES))
     if unknown or not only:
-        parser.error(f"--only: unknown {unknown}; choose from {', '.join(ALL)}")
+        parser.error(f"--only: unknown {unknown}; choose from {', '.join(SERVICES)}")
     with contextlib.suppress(KeyboardInterrupt):
         started = time.monotonic()
-        built = build(only, args.mode, args.force, args.latest)
+        try:
+            built = build(only, args.mode, args.force, args.latest)
+        except BuildError as error:
+            print(f"containers: error: {error}", file=sys.stderr)
+            return 1
+        except subprocess.CalledProcessError as error:
+            print(
+                f"containers: error: {' '.join(map(str, error.cmd[:4]))} ... failed with exit code {error.returncode}",
+                file=sys.stderr,
+            )
+            return 1
         print(f"{'image':<45} {'size':>8}  {'time':>6}")
         for item in built:
             note = " (reused)" if item.reused else ""
             print(f"{item.ref:<45} {docker.size_mb(item.ref):>5.0f} MB  {item.seconds:>5.0f}s{note}")
         print(f"total {time.monotonic() - started:.0f} s")
         if args.json:
-            report = [{**asdict(item), "ref": item.ref, "size_mb": round(docker.size_mb(item.ref), 1)} for item in built]
+            report = [
+                {**asdict(item), "ref": item.ref, "size_mb": round(docker.size_mb(item.ref), 1)} for item in built
+            ]
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return 0
     return 130

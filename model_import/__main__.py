@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
 
-    from model_import.sources import ImportFailure
+    from model_import.errors import ImportFailure
+    from weather.demo import DemoFailed
 
     try:
         if args.command == "demo":
@@ -69,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             models = import_models(args.torch_uri, args.onnx_uri)
         else:
             parser.print_usage(sys.stderr)
-            print("error: give --torch-uri/--onnx-uri (or set TORCH_MODEL_URI/ONNX_MODEL_URI), or run `demo`", file=sys.stderr)
+            print(
+                "error: give --torch-uri/--onnx-uri (or set TORCH_MODEL_URI/ONNX_MODEL_URI), or run `demo`",
+                file=sys.stderr,
+            )
             return 2
-    except ImportFailure as failure:
+    except (ImportFailure, DemoFailed) as failure:
         print(f"model_import: error: {failure}", file=sys.stderr)
         return 1
     import bentoml
@@ -82,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _import_demo():
-    from model_import.demo import build_demo
     from model_import.importer import import_models
+    from weather.demo import build_demo
 
     demo = build_demo()
     return import_models(demo.state_dict_path.as_uri(), demo.onnx_path.as_uri(), extra_metadata=demo.metadata())

@@ -18,24 +18,18 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from model_import.sources import Fetched, ImportFailure, fetch
+from model_import.errors import ImportFailure
+from model_import.sources import Fetched, fetch
 from weather import contract
+from weather.errors import first_line
+from weather.registry import ONNX_MODEL, TORCH_MODEL, Model
 
 log = logging.getLogger(__name__)
-
-TORCH_TAG = "weather-torch"
-ONNX_TAG = "weather-onnx"
-TORCH_FILE = "model.pt"
-ONNX_FILE = "model.onnx"
-
-# The same tolerance the services are held to.
-PARITY_TOLERANCE = 0.02
 
 
 @dataclass
 class _Artifact:
-    tag: str
-    file_name: str
+    model: Model
     path: Path
     metadata: dict
 
@@ -61,24 +55,23 @@ def _prepare(scratch: Path, torch_uri: str | None, onnx_uri: str | None, extra: 
     artifacts = []
     model = None
     if torch_uri:
-        fetched = fetch(torch_uri, scratch / TORCH_FILE)
+        fetched = fetch(torch_uri, scratch / TORCH_MODEL.file)
         model = _load_torch(fetched)
-        artifacts.append(_Artifact(TORCH_TAG, TORCH_FILE, fetched.path, _metadata(fetched, "pytorch", extra)))
+        artifacts.append(_Artifact(TORCH_MODEL, fetched.path, _metadata(fetched, TORCH_MODEL, extra)))
     if onnx_uri:
-        fetched = fetch(onnx_uri, scratch / ONNX_FILE)
-        onnx_metadata = _metadata(fetched, "onnx", extra)
+        fetched = fetch(onnx_uri, scratch / ONNX_MODEL.file)
     else:
-        from model_import.onnx_export import export_onnx
+        from weather.onnx_export import export_onnx
 
         log.info("no ONNX model given: exporting one from the torch weights")
-        export_onnx(model, scratch / ONNX_FILE)
-        fetched = _describe_local(scratch / ONNX_FILE, uri=f"exported from {torch_uri}")
-        onnx_metadata = _metadata(fetched, "onnx", extra)
+        export_onnx(model, scratch / ONNX_MODEL.file)
+        fetched = _describe_local(scratch / ONNX_MODEL.file, uri=f"exported from {torch_uri}")
+    onnx_metadata = _metadata(fetched, ONNX_MODEL, extra)
     session = _load_onnx(fetched)
     if model is not None:
         onnx_metadata["max_abs_diff_vs_torch"] = _check_parity(model, session, fetched.uri)
-        onnx_metadata["torch_state_dict_sha256"] = artifacts[0].metadata["files"][TORCH_FILE]["sha256"]
-    artifacts.append(_Artifact(ONNX_TAG, ONNX_FILE, fetched.path, onnx_metadata))
+        onnx_metadata["torch_state_dict_sha256"] = artifacts[0].metadata["files"][TORCH_MODEL.file]["sha256"]
+    artifacts.append(_Artifact(ONNX_MODEL, fetched.path, onnx_metadata))
     return artifacts
 
 
@@ -86,14 +79,7 @@ def _save(artifacts: list[_Artifact]) -> list[bentoml.Model]:
     saved: list[bentoml.Model] = []
     try:
         for artifact in artifacts:
-            labels = {"task": "weather-classification", "framework": artifact.metadata["framework"]}
-            if artifact.metadata.get("demo"):
-                labels["demo"] = "true"
-            with bentoml.models.create(artifact.tag, labels=labels, metadata=artifact.metadata) as model:
-                # A rename within one filesystem would be cheaper, but the scratch folder may be elsewhere.
-                Path(model.path_of(artifact.file_name)).write_bytes(artifact.path.read_bytes())
-            saved.append(model)
-            log.info("imported %s", model.tag)
+            saved.append(_save_one(artifact))
     except BaseException:
         for model in saved:  # all or nothing across the pair, too
             bentoml.models.delete(model.tag)
@@ -101,13 +87,27 @@ def _save(artifacts: list[_Artifact]) -> list[bentoml.Model]:
     return saved
 
 
+def _save_one(artifact: _Artifact) -> bentoml.Model:
+    labels = {"task": "weather-classification", "framework": artifact.model.framework}
+    if artifact.metadata.get("demo"):
+        labels["demo"] = "true"
+    try:
+        with bentoml.models.create(artifact.model.name, labels=labels, metadata=artifact.metadata) as model:
+            # A rename within one filesystem would be cheaper, but the scratch folder may be elsewhere.
+            Path(model.path_of(artifact.model.file)).write_bytes(artifact.path.read_bytes())
+    except (OSError, bentoml.exceptions.BentoMLException) as exc:
+        raise ImportFailure(f"cannot save {artifact.model.name} to the BentoML store ({first_line(exc)})") from None
+    log.info("imported %s", model.tag)
+    return model
+
+
 def _describe_local(path: Path, uri: str) -> Fetched:
     return Fetched(uri, path, hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size)
 
 
-def _metadata(fetched: Fetched, framework: str, extra: dict) -> dict:
+def _metadata(fetched: Fetched, model: Model, extra: dict) -> dict:
     return {
-        "framework": framework,
+        "framework": model.framework,
         "source_uri": fetched.uri,
         "files": {fetched.path.name: {"sha256": fetched.sha256, "size_bytes": fetched.size_bytes}},
         "labels": list(contract.LABELS),
@@ -140,11 +140,10 @@ def _load_onnx(fetched: Fetched):
     try:
         session = ort.InferenceSession(str(fetched.path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for every kind of bad file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ImportFailure(f"{fetched.uri}: not a loadable ONNX model ({first_line[:200]})") from None
+        raise ImportFailure(f"{fetched.uri}: not a loadable ONNX model ({first_line(exc)})") from None
     _check_signature(session, fetched.uri)
     probabilities = _onnx_probabilities(session, np.zeros((1, contract.CROP_SIZE, contract.CROP_SIZE, 3), np.uint8))
-    if not np.isclose(probabilities.sum(), 1.0, atol=1e-4):
+    if not np.isclose(probabilities.sum(), 1.0, atol=contract.SUM_TOLERANCE):
         raise ImportFailure(f"{fetched.uri}: output {contract.PROBABILITIES_NAME!r} does not sum to 1")
     return session
 
@@ -166,7 +165,9 @@ def _check_signature(session, uri: str) -> None:
         output = outputs.get(name)
         if output is None or output.type != "tensor(float)" or output.shape[-1] != len(contract.LABELS):
             found = ", ".join(f"{o.name!r} {o.type} {o.shape}" for o in outputs.values())
-            raise ImportFailure(f"{uri}: wrong outputs: expected {name!r} float [batch, {len(contract.LABELS)}], found {found}")
+            raise ImportFailure(
+                f"{uri}: wrong outputs: expected {name!r} float [batch, {len(contract.LABELS)}], found {found}"
+            )
 
 
 def _onnx_probabilities(session, pixels: np.ndarray) -> np.ndarray:
@@ -182,10 +183,10 @@ def _check_parity(model, session, uri: str) -> float:
     reference = reference_probabilities(model, images)
     pixels = np.stack([contract.prepare_pixels(image) for image in images])
     difference = float(np.abs(_onnx_probabilities(session, pixels) - reference).max())
-    if difference > PARITY_TOLERANCE:
+    if difference > contract.PROBABILITY_TOLERANCE:
         raise ImportFailure(
             f"{uri}: the ONNX model disagrees with the torch weights (max probability difference "
-            f"{difference:.3f} > {PARITY_TOLERANCE})"
+            f"{difference:.3f} > {contract.PROBABILITY_TOLERANCE})"
         )
     log.info("ONNX model matches the torch weights (max probability difference %.2e)", difference)
     return round(difference, 6)

@@ -17,13 +17,11 @@ from urllib.parse import unquote, urlparse
 
 from tqdm import tqdm
 
+from model_import.errors import ImportFailure
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-
-
-class ImportFailure(Exception):
-    """An import that cannot go on; the message is meant for the user, on one line."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def _fetch_local(uri: str, source: Path, destination: Path) -> Fetched:
     return Fetched(uri, destination, digest.hexdigest(), destination.stat().st_size)
 
 
-def _copy(reader: BinaryIO, writer: BinaryIO, total: int, label: str) -> "hashlib._Hash":
+def _copy(reader: BinaryIO, writer: BinaryIO, total: int, label: str) -> hashlib._Hash:
     digest = hashlib.sha256()
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=None, leave=False) as bar:
         while chunk := reader.read(CHUNK_BYTES):
@@ -92,9 +90,12 @@ def _fetch_gcs(uri: str, bucket_name: str, object_name: str, destination: Path) 
     try:
         blob = _gcs_client().bucket(bucket_name).blob(object_name)
         blob.reload()  # size and checksums; fails early on a missing object or no access
-        with destination.open("wb") as file, tqdm(
-            total=blob.size, unit="B", unit_scale=True, desc=Path(object_name).name, disable=None, leave=False
-        ) as bar:
+        with (
+            destination.open("wb") as file,
+            tqdm(
+                total=blob.size, unit="B", unit_scale=True, desc=Path(object_name).name, disable=None, leave=False
+            ) as bar,
+        ):
             writer = _HashingWriter(file, bar)
             blob.download_to_file(writer, checksum="auto")
     except DataCorruption:

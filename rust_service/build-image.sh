@@ -3,8 +3,8 @@
 #   rust_service/build-image.sh [IMAGE_TAG]          (default: weather-rust-service:latest)
 # Inputs (environment):
 #   ORT_DYLIB_PATH  libonnxruntime.so.1.* to ship (default: the one in ../.venv's onnxruntime wheel)
-#   MODEL_PATH      BentoML model directory with model.yaml + model.onnx
-#                   (default: latest weather-onnx in $BENTOML_HOME, default ~/bentoml)
+#   MODEL_PATH      BentoML model directory with model.yaml + model.onnx (required;
+#                   `python -m containers.build --only rust` passes the store's latest model)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,11 +17,7 @@ fi
 [[ -f "$ort_lib" ]] || { echo "build-image.sh: libonnxruntime.so.1.* not found; set ORT_DYLIB_PATH" >&2; exit 1; }
 
 model_dir="${MODEL_PATH:-}"
-if [[ -z "$model_dir" ]]; then
-    store="${BENTOML_HOME:-$HOME/bentoml}/models/weather-onnx"
-    [[ -f "$store/latest" ]] || { echo "build-image.sh: no $store/latest; set MODEL_PATH" >&2; exit 1; }
-    model_dir="$store/$(tr -d '[:space:]' < "$store/latest")"
-fi
+[[ -n "$model_dir" ]] || { echo "build-image.sh: set MODEL_PATH (or run python -m containers.build --only rust)" >&2; exit 1; }
 for f in model.yaml model.onnx; do
     [[ -f "$model_dir/$f" ]] || { echo "build-image.sh: $model_dir/$f is missing" >&2; exit 1; }
 done

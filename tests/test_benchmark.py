@@ -7,42 +7,46 @@ starts, are reported as failed instead of measured.
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
+import bentoml
 import pytest
 
-from benchmark import services
 from benchmark.report import render
 from benchmark.run import Settings, run
+from weather.registry import ONNX_MODEL, SERVICES, Service
 
-FAKE = Path(__file__).parent / "fakes" / "bad_service.py"
 
-
-@dataclass(frozen=True)
-class BadService(services.Service):
-    behaviour: str = "wrong-label"
-
-    def process_command(self, port: int, workers: int):
-        return [sys.executable, str(FAKE), "--port", str(port), "--behaviour", self.behaviour], {}
+def bad_service(name: str, behaviour: str) -> Service:
+    """A stand-in (tests/fakes/bad_service.py) described like a real service."""
+    return Service(
+        name=name,
+        title=f"Fake that {behaviour.replace('-', ' ')}",
+        model=ONNX_MODEL,
+        image="none",
+        command=("{python}", "tests/fakes/bad_service.py", "--behaviour", behaviour),
+        ceiling=(),
+    )
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    fakes = {
-        "wrong": BadService("wrong", "Answers wrongly", "none", runtime="onnx", behaviour="wrong-label"),
-        "dead": BadService("dead", "Never starts", "none", runtime="onnx", behaviour="dead"),
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name, fake in fakes.items():
-            patch.setitem(services.SERVICES, name, fake)
-        settings = Settings(
-            profile="quick", mode="process", services=["onnx", "rust", "wrong", "dead"], cpus_per_service=1,
-            users=4, duration_s=4, warmup_s=1, startup_runs=2, ceiling_s=2, request_limit=None, payload=None, out=out,
-        )
-        found = run(settings)
+    services = [SERVICES["onnx"], SERVICES["rust"], bad_service("wrong", "wrong-label"), bad_service("dead", "dead")]
+    settings = Settings(
+        profile="quick",
+        mode="process",
+        services=services,
+        cpus_per_service=1,
+        users=4,
+        duration_s=4,
+        warmup_s=1,
+        startup_runs=2,
+        ceiling_s=2,
+        request_limit=None,
+        payload=None,
+        out=out,
+    )
+    found = run(settings)
     (run_dir,) = out.iterdir()
     return found, run_dir
 
@@ -52,9 +56,15 @@ def test_results_file_is_complete(results):
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == found
     setup = on_disk["setup"]
-    for key in ("date", "git_sha", "mode", "versions", "settings", "payload"):
+    for key in ("date", "git_sha", "mode", "versions", "settings", "payload", "measured"):
         assert setup[key], key
-    assert setup["host"]["cores"] >= 2 and setup["host"]["cpu_model"]
+    # What was measured, from the store itself: the model's version and its file's hash.
+    model = bentoml.models.get(ONNX_MODEL.latest)
+    for name in ("onnx", "rust"):
+        assert setup["measured"][name]["model_tag"] == str(model.tag)
+        assert setup["measured"][name]["model_sha256"] == model.info.metadata["files"][ONNX_MODEL.file]["sha256"]
+    assert setup["host"]["cores"] >= 2
+    assert setup["host"]["cpu_model"]
     assert setup["settings"]["service_cpus"] != setup["settings"]["locust_cpus"]
 
 
@@ -63,7 +73,9 @@ def test_a_working_service_is_measured_consistently(results, name):
     service = results[0]["services"][name]
     assert service["status"] == "ok", service.get("error")
     load = service["load"]
-    assert load["requests"] > 0 and load["failures"] == 0 and load["rps"] > 0
+    assert load["requests"] > 0
+    assert load["failures"] == 0
+    assert load["rps"] > 0
     assert 0 < load["p50_ms"] <= load["p90_ms"] <= load["p95_ms"] <= load["p99_ms"] <= load["max_ms"]
     assert service["resources"]["rss_mb_peak"] >= service["resources"]["rss_mb_mean"] > 0
     startup = service["startup"]
@@ -87,14 +99,17 @@ def test_a_service_that_never_starts_is_failed(results):
 def test_ceilings_and_ratios(results):
     found = results[0]
     assert found["ceilings"]["onnx"]["rps"] > 0
-    assert 0 < found["ratios"]["onnx_vs_ceiling_per_core"]
+    assert found["ratios"]["onnx_vs_ceiling_per_core"] > 0
     assert "wrong_vs_ceiling_per_core" not in found["ratios"]
+    assert set(found["ceilings"]) == {"onnx", "rust"}, "a ceiling only for a service that served"
 
 
 def test_report_and_charts_are_rendered_from_the_results(results):
     _, run_dir = results
     report = render(run_dir).read_text()
-    assert "BentoML + ONNX Runtime" in report and "## Failures" in report and "wrong answer" in report
+    assert SERVICES["onnx"].title in report
+    assert "## Failures" in report
+    assert "wrong answer" in report
     for chart in ("throughput.png", "latency.png", "memory.png", "startup.png"):
         assert (run_dir / chart).stat().st_size > 1000
         assert f"]({chart})" in report

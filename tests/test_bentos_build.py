@@ -15,28 +15,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import REPO
 from weather.contract import LABELS
+from weather.registry import BENTOS
 
-REPO = Path(__file__).resolve().parents[1]
 STORE = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
 
-BENTOS = {
-    # name: (build arguments, service module, class, model tag, files the bento must carry)
-    "onnx": (
-        ["build"],
-        "bentos.onnx_service",
-        "OnnxClassifier",
-        "weather-onnx",
-        {"bentos/onnx_service.py", "bentos/common.py", "bentos/imaging.py", "bentos/settings.py", "weather/contract.py"},
-    ),
-    "torch": (
-        ["build", "-f", "bentos/bentofile.torch.yaml", "."],
-        "bentos.torch_service",
-        "TorchClassifier",
-        "weather-torch",
-        {"bentos/torch_service.py", "bentos/common.py", "bentos/imaging.py", "bentos/settings.py", "weather/contract.py", "weather/torch_model.py"},
-    ),
+SHARED_SOURCES = {
+    "bentos/common.py",
+    "bentos/imaging.py",
+    "bentos/settings.py",
+    "weather/contract.py",
+    "weather/errors.py",
+    "weather/registry.py",
 }
+# The source files each bento must carry, besides the shared ones.
+OWN_SOURCES = {"onnx": {"bentos/onnx_service.py"}, "torch": {"bentos/torch_service.py", "weather/torch_model.py"}}
 
 # Run inside a bento's src/ only: the repository is not importable, torch may be blocked.
 _RUN_FROM_SRC = """
@@ -76,9 +70,9 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module", params=sorted(BENTOS))
 def built(request, bentoml_home) -> tuple[str, Path]:
-    arguments = BENTOS[request.param][0]
+    bentofile = BENTOS[request.param].bento.bentofile
     result = subprocess.run(
-        [sys.executable, "-m", "bentoml", *arguments, "--output", "tag"],
+        [sys.executable, "-m", "bentoml", "build", "-f", bentofile, "--output", "tag", "."],
         cwd=REPO,
         env=_env(bentoml_home),
         capture_output=True,
@@ -93,17 +87,16 @@ def built(request, bentoml_home) -> tuple[str, Path]:
 
 def test_bento_declares_its_model_and_service(built):
     name, path = built
-    _, module, cls, model, _ = BENTOS[name]
     bento = yaml.safe_load((path / "bento.yaml").read_text())
-    assert bento["service"] == f"{module}:{cls}"
+    assert bento["service"] == BENTOS[name].bento.service
     [service] = bento["services"]
-    assert [entry["tag"].split(":")[0] for entry in service["models"]] == [model]
+    assert [entry["tag"].split(":")[0] for entry in service["models"]] == [BENTOS[name].model.name]
 
 
 def test_bento_carries_its_source(built):
     name, path = built
     files = {str(file.relative_to(path / "src")) for file in (path / "src").rglob("*.py")}
-    missing = BENTOS[name][4] - files
+    missing = (SHARED_SOURCES | OWN_SOURCES[name]) - files
     assert not missing, f"missing from the bento: {sorted(missing)}"
     assert not any(file.startswith(("tests/", "model_import/", "rust_service/")) for file in files), sorted(files)
 
@@ -119,10 +112,15 @@ def test_requirements(built):
 
 def test_bento_source_serves_on_its_own(built, bentoml_home):
     name, path = built
-    _, module, cls, _, _ = BENTOS[name]
-    code = _RUN_FROM_SRC.format(block_torch=name == "onnx", module=module, cls=cls)
+    bento = BENTOS[name].bento
+    code = _RUN_FROM_SRC.format(block_torch=name == "onnx", module=bento.module, cls=bento.cls)
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=path / "src", env=_env(bentoml_home), capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", code],
+        cwd=path / "src",
+        env=_env(bentoml_home),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().splitlines()[-1] in LABELS

@@ -31,7 +31,10 @@ def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def test_image_bytes_decodes_standard_base64():
-    assert common.image_bytes(json.dumps({"image": base64.b64encode(b"\xfb\xff\x00").decode()}).encode()) == b"\xfb\xff\x00"
+    assert (
+        common.image_bytes(json.dumps({"image": base64.b64encode(b"\xfb\xff\x00").decode()}).encode())
+        == b"\xfb\xff\x00"
+    )
 
 
 def test_image_bytes_ignores_other_keys():
@@ -39,7 +42,7 @@ def test_image_bytes_ignores_other_keys():
 
 
 @pytest.mark.parametrize(
-    "body, message",
+    ("body", "message"),
     [
         (b"", "not valid JSON"),
         (b"{", "not valid JSON"),
@@ -142,7 +145,20 @@ def test_pillow_bomb_error_is_mapped():
 
 # --- resize and crop ----------------------------------------------------------------------
 
-SIZES = [(224, 224), (256, 256), (225, 300), (300, 225), (640, 427), (1200, 727), (727, 1200), (1411, 1411), (31, 17), (1, 1), (3, 900), (2001, 240)]
+SIZES = [
+    (224, 224),
+    (256, 256),
+    (225, 300),
+    (300, 225),
+    (640, 427),
+    (1200, 727),
+    (727, 1200),
+    (1411, 1411),
+    (31, 17),
+    (1, 1),
+    (3, 900),
+    (2001, 240),
+]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -172,7 +188,7 @@ def test_input_contract_of_this_code_is_accepted():
 
 
 @pytest.mark.parametrize(
-    "path, value",
+    ("path", "value"),
     [
         (("version",), 2),
         (("input", "dtype"), "float32"),

@@ -1,7 +1,8 @@
 """Both services' pipelines against the PyTorch reference on many images, without HTTP.
 
-The rule (docs/contract.md): probabilities within 0.02 absolute, and the same top-1
-wherever the reference's top-2 margin exceeds 0.05. The ONNX service resamples only
+The rule (docs/contract.md, ``weather.contract``): probabilities within
+PROBABILITY_TOLERANCE, and the same top-1 wherever the reference's top-2 margin
+exceeds TOP2_MARGIN. The ONNX service resamples only
 the crop window (a pixel may differ by one level from resize-then-crop); the torch
 service preprocesses exactly as torchvision does, so it must match almost to the bit.
 """
@@ -20,11 +21,12 @@ from PIL import Image
 from bentos.onnx_service import OnnxClassifier
 from bentos.torch_service import TorchClassifier
 from weather import synthetic
+from weather.contract import PROBABILITY_TOLERANCE, TOP2_MARGIN
 from weather.photos import photo_paths
+from weather.registry import TORCH_MODEL
 from weather.torch_model import reference_probabilities
 
-TOLERANCE = 0.02
-TOP2_MARGIN = 0.05
+# The torch service preprocesses exactly as the reference does: only float rounding may differ.
 TORCH_TOLERANCE = 1e-5
 
 
@@ -49,7 +51,7 @@ def _cases() -> dict[str, bytes]:
         photo = Image.open(path).convert("RGB")
         cases[f"{name}-1200x727-q75"] = _jpeg(photo, 75, (1200, 727))
         cases[f"{name}-x2-q90"] = _jpeg(photo, 90, (photo.width * 2, photo.height * 2))
-    for index, (image, label) in enumerate(synthetic.generate_set(per_class=6, seed=99)):
+    for index, (image, _) in enumerate(synthetic.generate_set(per_class=6, seed=99)):
         cases[f"synthetic-{index}-png"] = _png(image)
         cases[f"synthetic-{index}-q75"] = _jpeg(image, 75)
         if index < 11:
@@ -68,7 +70,7 @@ def reference(cases) -> dict[str, np.ndarray]:
 
     from weather.torch_model import load_model
 
-    model = load_model(bentoml.models.get("weather-torch:latest").path_of("model.pt"))
+    model = load_model(bentoml.models.get(TORCH_MODEL.latest).path_of(TORCH_MODEL.file))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one image at a time: one thread is as fast
     try:
@@ -81,7 +83,8 @@ def _served(service_class, cases: dict[str, bytes]) -> dict[str, np.ndarray]:
     threads = torch.get_num_threads()  # the torch service sets it for the whole process
     service = service_class()
     try:
-        assert service.classifier.wait(120) and service.classifier.ready, "the model did not load"
+        assert service.classifier.wait(120), "the model is still loading"
+        assert service.classifier.ready, "the model failed to load"
         pipeline = service.classifier.pipeline
         served = {}
         for name, data in cases.items():
@@ -113,7 +116,7 @@ def test_onnx_service_matches_the_reference(cases, reference, record_property):
     worst, worst_name, flips = _compare(_served(OnnxClassifier, cases), reference)
     record_property("onnx_max_abs_difference", worst)
     print(f"\nONNX service vs reference on {len(cases)} images: max |dp| {worst:.2e} ({worst_name})")
-    assert worst <= TOLERANCE, f"{worst_name}: {worst:.4f}"
+    assert worst <= PROBABILITY_TOLERANCE, f"{worst_name}: {worst:.4f}"
     assert not flips, f"top-1 differs on {flips}"
 
 

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -27,10 +26,10 @@ with warnings.catch_warnings():  # starlette would like httpx2; httpx works
 from bentos import common, onnx_service, settings
 from bentos.onnx_service import OnnxClassifier
 from bentos.torch_service import TorchClassifier
+from harness import REPO
 from weather import synthetic
 from weather.photos import photo_paths
 
-REPO = Path(__file__).resolve().parents[1]
 SERVICES = {"onnx": OnnxClassifier, "torch": TorchClassifier}
 
 
@@ -80,7 +79,7 @@ def test_predict(client):
 
 
 @pytest.mark.parametrize(
-    "body, status",
+    ("body", "status"),
     [
         (b"not json", 400),
         (b"{}", 400),
@@ -102,11 +101,6 @@ def test_content_type_does_not_matter(client, content_type):
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post("/predict", content=_body(_photo()), headers=headers)
     assert response.status_code == 200, response.text
-
-
-def test_probes(client):
-    assert client.get("/livez").status_code == 200
-    assert client.get("/readyz").status_code == 200
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -191,12 +185,15 @@ sys.meta_path.insert(0, _Blocker())
 
 
 def test_onnx_service_never_imports_torch():
-    code = _BLOCK_TORCH + """
+    code = (
+        _BLOCK_TORCH
+        + """
 import bentos.onnx_service as module
 service = module.OnnxClassifier()  # loads the model and warms it up
 assert service.classifier.wait(120) and service.classifier.ready, "model did not load"
 print(sorted(name for name in sys.modules if name.split(".")[0] in {"torch", "torchvision"}))
 """
+    )
     result = _python(code)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
@@ -206,15 +203,18 @@ def test_concurrency_defaults():
     result = _python(
         "from bentos import settings; from bentos.onnx_service import OnnxClassifier as S;"
         "print(S.config['workers'], settings.WORKER_THREADS, settings.INTRA_THREADS)",
-        WORKERS="", WORKER_THREADS="", INTRA_THREADS="",
+        WORKERS="",
+        WORKER_THREADS="",
+        INTRA_THREADS="",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == [str(settings.usable_cpus()), "1", "1"]
 
 
 def test_default_workers_follow_the_cpus_the_process_may_use():
-    result = _python("import os; os.sched_setaffinity(0, {0}); from bentos import settings; print(settings.WORKERS)",
-                     WORKERS="")
+    result = _python(
+        "import os; os.sched_setaffinity(0, {0}); from bentos import settings; print(settings.WORKERS)", WORKERS=""
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1"]
 
@@ -223,7 +223,9 @@ def test_concurrency_from_the_environment():
     result = _python(
         "from bentos import settings; from bentos.torch_service import TorchClassifier as S;"
         "import torch; s = S(); print(S.config['workers'], settings.WORKER_THREADS, torch.get_num_threads())",
-        WORKERS="3", WORKER_THREADS="2", INTRA_THREADS="2",
+        WORKERS="3",
+        WORKER_THREADS="2",
+        INTRA_THREADS="2",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-3:] == ["3", "2", "2"]

@@ -34,53 +34,52 @@ import secrets
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
-from contract.docker_launchers import run_container
-from support import free_port
+from harness import REPO, docker
+from harness.launch import Container, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 KEYS = ["onnx", "rust"] + (["torch"] if os.environ.get("CONTAINER_TESTS_TORCH") == "1" else [])
 SECRET = f"ya29.container-test-{secrets.token_hex(16)}"
 CACHE_TAG = "pytest-cache"
-CREDENTIAL_VARIABLES = ("CLOUDSDK_AUTH_ACCESS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_OAUTH_ACCESS_TOKEN", "GOOGLE_CLOUD_PROJECT")
-CREDENTIAL_FILES = re.compile(r"(^|/)(application_default_credentials\.json|credentials\.db|access_tokens\.db|\.config/gcloud/.*|\.boto|\.netrc)$")
+CREDENTIAL_VARIABLES = (
+    "CLOUDSDK_AUTH_ACCESS_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_OAUTH_ACCESS_TOKEN",
+    "GOOGLE_CLOUD_PROJECT",
+)
+CREDENTIAL_FILES = re.compile(
+    r"(^|/)(application_default_credentials\.json|credentials\.db|access_tokens\.db|\.config/gcloud/.*|\.boto|\.netrc)$"
+)
 PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\s+[A-Za-z0-9+/=\s]{64,}-----END [A-Z ]*PRIVATE KEY-----")
 # Third-party packages ship test fixtures with throwaway keys (tornado/test/test.key).
 PACKAGE_TEST_FILE = re.compile(r"/site-packages/[^/]+/(tests?|testing)/")
 SIZE_LIMITS_MB = {"onnx": 400, "rust": 50}
 
 
-def _docker_problem() -> str | None:
-    try:
-        result = subprocess.run(["docker", "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        return "no docker CLI on PATH"
-    except subprocess.TimeoutExpired:
-        return "the Docker engine did not answer within 30 s"
-    if result.returncode != 0 or not result.stdout.strip():
-        return f"no Docker engine answers ({result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'docker version failed'})"
-    return None
-
-
-_PROBLEM = _docker_problem()
+_PROBLEM = docker.available()
 pytestmark = pytest.mark.skipif(_PROBLEM is not None, reason=f"container tests need a Docker engine: {_PROBLEM}")
 
 
 def _inspect(ref: str) -> dict:
-    return json.loads(subprocess.run(["docker", "image", "inspect", ref], capture_output=True, text=True, check=True).stdout)[0]
+    info = docker.inspect_image(ref)
+    assert info is not None, f"no image {ref}"
+    return info
 
 
 def _keep_as_cache(ref: str) -> None:
     """Move ``IMAGE:pytest-cache`` to ``ref``, drop ``ref``'s own tag and the previous cache image."""
     image = ref.rsplit(":", 1)[0]
     cache = f"{image}:{CACHE_TAG}"
-    previous = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", cache], capture_output=True, text=True).stdout.strip()
+    previous = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", cache], capture_output=True, text=True
+    ).stdout.strip()
     subprocess.run(["docker", "tag", ref, cache], check=True)
     subprocess.run(["docker", "image", "rm", ref], capture_output=True)
-    current = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", cache], capture_output=True, text=True).stdout.strip()
+    current = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", cache], capture_output=True, text=True
+    ).stdout.strip()
     if previous and previous != current:
         subprocess.run(["docker", "image", "rm", previous], capture_output=True)  # fails harmlessly if still in use
 
@@ -96,7 +95,9 @@ def environment(tmp_path_factory) -> dict[str, str]:
         "CLOUDSDK_AUTH_ACCESS_TOKEN": SECRET,
         "GOOGLE_CLOUD_PROJECT": "container-test-project",
     }
-    result = subprocess.run([sys.executable, "-m", "model_import", "demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "model_import", "demo"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return env
 
@@ -111,7 +112,8 @@ def images(environment, tmp_path_factory) -> dict[str, dict]:
     built = {entry["key"]: entry for entry in json.loads(report.read_text())}
     assert sorted(built) == sorted(KEYS)
     for entry in built.values():
-        print(f"built {entry['ref']}: {entry['size_mb']:.0f} MB in {entry['seconds']:.0f} s{' (reused)' if entry['reused'] else ''}")
+        reused = " (reused)" if entry["reused"] else ""
+        print(f"built {entry['ref']}: {entry['size_mb']:.0f} MB in {entry['seconds']:.0f} s{reused}")
     yield built
     for entry in built.values():
         _keep_as_cache(entry["ref"])
@@ -125,11 +127,14 @@ def test_image_runs_as_non_root_user_and_listens_on_3000(images, key):
     assert user.split(":")[0] not in ("root", "0"), f"USER is {user!r}"
     assert "3000/tcp" in (config.get("ExposedPorts") or {}), config.get("ExposedPorts")
 
-    with run_container(images[key]["ref"], free_port()) as container:
+    with Container(images[key]["ref"], free_port()) as container:
         # As the host sees them (the engine uses no user namespace remapping here, so uids match).
-        processes = subprocess.run(["docker", "top", container.id, "-o", "pid,uid,args"], capture_output=True, text=True, check=True).stdout
+        processes = subprocess.run(
+            ["docker", "top", container.id, "-o", "pid,uid,args"], capture_output=True, text=True, check=True
+        ).stdout
         uids = [line.split()[1] for line in processes.splitlines()[1:] if line.strip()]
-        assert uids and all(uid != "0" for uid in uids), processes
+        assert uids, processes
+        assert "0" not in uids, processes
 
 
 @pytest.mark.parametrize("key", [key for key in KEYS if key in SIZE_LIMITS_MB])
@@ -140,7 +145,16 @@ def test_image_size(images, key):
 
 def test_onnx_image_has_no_torch(images):
     listing = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "python", images["onnx"]["ref"], "-c", "import importlib.util as u; print([m for m in ('torch', 'torchvision') if u.find_spec(m)])"],
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python",
+            images["onnx"]["ref"],
+            "-c",
+            "import importlib.util as u; print([m for m in ('torch', 'torchvision') if u.find_spec(m)])",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -156,37 +170,44 @@ def credential_findings(ref: str, secret: str) -> list[str]:
     found += [f"Config.Env: {name}" for name in sorted(set(env_names) & set(CREDENTIAL_VARIABLES))]
     if secret in json.dumps(info):
         found.append("docker image inspect: the secret")
-    history = subprocess.run(["docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", ref], capture_output=True, text=True, check=True).stdout
+    history = subprocess.run(
+        ["docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", ref],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     if secret in history:
         found.append("docker history: the secret")
 
     # Every file of every layer, the image config and the manifest, as `docker save` writes them.
     needle = secret.encode()
     files = 0
-    with subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save:
-        with tarfile.open(fileobj=save.stdout, mode="r|") as outer:
-            for member in outer:
-                if not member.isfile():
-                    continue
-                if not member.name.endswith("layer.tar"):
-                    if needle in outer.extractfile(member).read():
-                        found.append(f"{member.name}: the secret")
-                    continue
-                with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
-                    for entry in layer:
-                        name = "/" + entry.name.lstrip("./")
-                        if needle in entry.name.encode() or (entry.issym() and needle in entry.linkname.encode()):
-                            found.append(f"{name}: the secret in a file name")
-                        if CREDENTIAL_FILES.search(name):
-                            found.append(f"{name}: a credential file")
-                        if not entry.isfile():
-                            continue
-                        files += 1
-                        data = layer.extractfile(entry).read()
-                        if needle in data:
-                            found.append(f"{name}: the secret")
-                        if not PACKAGE_TEST_FILE.search(name) and PRIVATE_KEY.search(data):
-                            found.append(f"{name}: a private key")
+    with (
+        subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE) as save,
+        tarfile.open(fileobj=save.stdout, mode="r|") as outer,
+    ):
+        for member in outer:
+            if not member.isfile():
+                continue
+            if not member.name.endswith("layer.tar"):
+                if needle in outer.extractfile(member).read():
+                    found.append(f"{member.name}: the secret")
+                continue
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as layer:
+                for entry in layer:
+                    name = "/" + entry.name.lstrip("./")
+                    if needle in entry.name.encode() or (entry.issym() and needle in entry.linkname.encode()):
+                        found.append(f"{name}: the secret in a file name")
+                    if CREDENTIAL_FILES.search(name):
+                        found.append(f"{name}: a credential file")
+                    if not entry.isfile():
+                        continue
+                    files += 1
+                    data = layer.extractfile(entry).read()
+                    if needle in data:
+                        found.append(f"{name}: the secret")
+                    if not PACKAGE_TEST_FILE.search(name) and PRIVATE_KEY.search(data):
+                        found.append(f"{name}: a private key")
     assert save.returncode == 0, f"docker save {ref} failed"
     assert files > 0, f"docker save {ref}: no files in any layer"
     return found
@@ -209,24 +230,46 @@ def test_the_credential_scan_finds_a_planted_secret(images, tmp_path):
         f"ENV CLOUDSDK_AUTH_ACCESS_TOKEN={SECRET}\n"
     )
     planted = f"weather-rust-service:pytest-planted-{secrets.token_hex(4)}"
-    subprocess.run(["docker", "build", "--quiet", "--tag", planted, str(tmp_path)], env={**os.environ, "DOCKER_BUILDKIT": "0"}, check=True, capture_output=True)
+    subprocess.run(
+        ["docker", "build", "--quiet", "--tag", planted, str(tmp_path)],
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        check=True,
+        capture_output=True,
+    )
     try:
         findings = "\n".join(credential_findings(planted, SECRET))
     finally:
         subprocess.run(["docker", "image", "rm", planted], capture_output=True)
-    for expected in ("Config.Env: CLOUDSDK_AUTH_ACCESS_TOKEN", "docker image inspect: the secret", "docker history: the secret", "/app/leak.txt: the secret", "application_default_credentials.json: a credential file"):
+    for expected in (
+        "Config.Env: CLOUDSDK_AUTH_ACCESS_TOKEN",
+        "docker image inspect: the secret",
+        "docker history: the secret",
+        "/app/leak.txt: the secret",
+        "application_default_credentials.json: a credential file",
+    ):
         assert expected in findings, f"{expected!r} not in:\n{findings}"
 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_contract_suite_against_the_running_container(images, environment, key):
     """tests/contract (the suite every implementation passes) against ``docker run -p PORT:3000``."""
-    with run_container(images[key]["ref"], free_port(), ready_timeout=300) as container:
-        print(f"{images[key]['ref']}: /readyz 200 {container.ready_seconds:.1f} s after docker run")
+    with Container(images[key]["ref"], free_port()) as container:
+        print(f"{images[key]['ref']}: /readyz 200 {container.ready_s:.1f} s after docker run")
         env = {**environment, "CONTRACT_BASE_URL": container.base_url}
         env.pop("CONTRACT_TARGETS", None)
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "tests/contract", "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts="],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "tests/contract",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--no-header",
+                "-o",
+                "addopts=",
+            ],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -235,5 +278,7 @@ def test_contract_suite_against_the_running_container(images, environment, key):
         )
         summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
         print(f"contract suite against {key}: {summary}")
-        assert result.returncode == 0, f"{result.stdout[-12000:]}\n{result.stderr[-4000:]}\n--- docker logs ---\n{container.logs()}"
+        assert result.returncode == 0, (
+            f"{result.stdout[-12000:]}\n{result.stderr[-4000:]}\n--- docker logs ---\n{container.logs()}"
+        )
         assert re.search(r"\d+ passed", summary), summary

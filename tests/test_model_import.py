@@ -18,8 +18,9 @@ import pytest
 import torch
 import yaml
 
-from model_import.demo import build_demo
-from support import free_port, wait_for_port
+from harness.launch import free_port, wait_for_port
+from weather.demo import build_demo
+from weather.registry import ONNX_MODEL, TORCH_MODEL
 from weather.torch_model import build_model
 
 BUCKET = "models"
@@ -63,9 +64,22 @@ def gcs(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("gcs")
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "--data-dir", str(data_dir),
-         "start", "--host", "127.0.0.1", "--port", str(port), "--default-bucket", BUCKET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "--data-dir",
+            str(data_dir),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--default-bucket",
+            BUCKET,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, timeout_s=30, process=server)
@@ -120,24 +134,32 @@ def test_imports_both_models_from_gcs_with_provenance(gcs, store, demo):
     onnx_uri = gcs.upload("run1/onnx_model", onnx_bytes)
 
     result = run_import(
-        store, gcs,
-        TORCH_MODEL_URI=torch_uri, ONNX_MODEL_URI=onnx_uri,
-        CLOUDSDK_AUTH_ACCESS_TOKEN=SECRET_TOKEN, GOOGLE_CLOUD_PROJECT="weather-project",
+        store,
+        gcs,
+        TORCH_MODEL_URI=torch_uri,
+        ONNX_MODEL_URI=onnx_uri,
+        CLOUDSDK_AUTH_ACCESS_TOKEN=SECRET_TOKEN,
+        GOOGLE_CLOUD_PROJECT="weather-project",
     )
 
     assert result.returncode == 0, result.stderr
     models = stored_models(store)
-    assert set(models) == {"weather-torch", "weather-onnx"}
-    torch_meta, onnx_meta = models["weather-torch"], models["weather-onnx"]
+    assert set(models) == {TORCH_MODEL.name, ONNX_MODEL.name}
+    torch_meta, onnx_meta = models[TORCH_MODEL.name], models[ONNX_MODEL.name]
     assert torch_meta["source_uri"] == torch_uri
-    assert torch_meta["files"]["model.pt"]["sha256"] == sha256(torch_bytes)
+    assert torch_meta["files"][TORCH_MODEL.file]["sha256"] == sha256(torch_bytes)
     assert onnx_meta["source_uri"] == onnx_uri
-    assert onnx_meta["files"]["model.onnx"]["sha256"] == sha256(onnx_bytes)
+    assert onnx_meta["files"][ONNX_MODEL.file]["sha256"] == sha256(onnx_bytes)
     assert onnx_meta["torch_state_dict_sha256"] == sha256(torch_bytes)
     for meta in (torch_meta, onnx_meta):
-        assert meta["labels"][:3] == ["dew", "fogsmog", "frost"] and len(meta["labels"]) == 11
+        assert meta["labels"][:3] == ["dew", "fogsmog", "frost"]
+        assert len(meta["labels"]) == 11
         assert meta["input_contract"]["input"] == {
-            "name": "pixels", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", 224, 224, 3], "color": "RGB",
+            "name": "pixels",
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "shape": ["batch", 224, 224, 3],
+            "color": "RGB",
         }
         assert {"torch", "onnx", "onnxruntime"} <= set(meta["versions"])
     # The bearer token was used, but is nowhere: not in the store, not in the output.
@@ -152,8 +174,8 @@ def test_torch_weights_alone_from_a_local_path_also_give_an_onnx_model(store, de
 
     assert result.returncode == 0, result.stderr
     models = stored_models(store)
-    assert models["weather-onnx"]["source_uri"] == f"exported from {demo.state_dict_path}"
-    assert models["weather-onnx"]["max_abs_diff_vs_torch"] < 1e-3
+    assert models[ONNX_MODEL.name]["source_uri"] == f"exported from {demo.state_dict_path}"
+    assert models[ONNX_MODEL.name]["max_abs_diff_vs_torch"] < 1e-3
 
 
 def test_missing_object(gcs, store):
@@ -191,7 +213,11 @@ def test_a_file_that_is_not_a_state_dict(gcs, store):
 def test_onnx_model_with_the_wrong_input_signature(gcs, store, tmp_path):
     path = tmp_path / "float_input.onnx"
     torch.onnx.export(
-        torch.nn.Linear(3, 11), (torch.zeros(1, 3),), str(path), input_names=["input"], dynamo=False,
+        torch.nn.Linear(3, 11),
+        (torch.zeros(1, 3),),
+        str(path),
+        input_names=["input"],
+        dynamo=False,
     )
     uri = gcs.upload("signature/onnx_model", path.read_bytes())
 
@@ -244,3 +270,41 @@ def test_help_documents_the_environment():
     assert result.returncode == 0
     for name in ("TORCH_MODEL_URI", "ONNX_MODEL_URI", "CLOUDSDK_AUTH_ACCESS_TOKEN", "STORAGE_EMULATOR_HOST", "demo"):
         assert name in result.stdout
+
+
+def test_the_first_model_is_removed_when_the_second_cannot_be_saved(store, demo):
+    """All or nothing in the store itself: the torch model is saved first, then saving the ONNX
+    model fails for real (a file stands where the store needs its directory)."""
+    blocker = store / "models" / ONNX_MODEL.name
+    blocker.parent.mkdir()
+    blocker.write_text("not a directory")
+
+    result = run_import(store, None, "--torch-uri", str(demo.state_dict_path), "--onnx-uri", str(demo.onnx_path))
+
+    assert f"imported {TORCH_MODEL.name}:" in result.stderr, "the torch model should have been saved first"
+    assert_failed_cleanly(result, store, f"cannot save {ONNX_MODEL.name}")
+    assert [path.name for path in (store / "models").iterdir()] == [ONNX_MODEL.name], "only the blocker is left"
+    assert blocker.read_text() == "not a directory"
+
+
+DEMO_THAT_MISSES_ITS_TARGETS = """
+import sys
+import weather.demo
+from weather.torch_model import build_model
+weather.demo._train = lambda: build_model().eval()  # untrained: no better than chance
+from model_import.__main__ import main
+sys.exit(main(["demo"]))
+"""
+
+
+def test_a_demo_model_that_misses_its_targets_fails_in_one_line_and_leaves_nothing(store, tmp_path):
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [sys.executable, "-c", DEMO_THAT_MISSES_ITS_TARGETS],
+        env={**os.environ, "BENTOML_HOME": str(store), "XDG_CACHE_HOME": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_failed_cleanly(result, store, "the demo model missed its targets")
+    assert [path.name for path in (cache / "model-serving").iterdir()] == []

@@ -10,13 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model_import.demo import MIN_ACCURACY, MIN_MEAN_TOP1, build_demo
 from weather import contract, synthetic
+from weather.demo import MIN_ACCURACY, MIN_MEAN_TOP1, build_demo
 from weather.photos import photo_paths
 from weather.torch_model import load_model, reference_probabilities, reference_transform
-
-TOLERANCE = 0.02
-DECISIVE_MARGIN = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +59,10 @@ def test_onnx_matches_the_torch_reference(torch_model, session):
     reference = reference_probabilities(torch_model, list(images.values()))
     candidate = onnx_probabilities(session, list(images.values()))
 
-    for name, ref, got in zip(images, reference, candidate):
-        assert np.abs(got - ref).max() <= TOLERANCE, name
+    for name, ref, got in zip(images, reference, candidate, strict=True):
+        assert np.abs(got - ref).max() <= contract.PROBABILITY_TOLERANCE, name
         top2 = np.sort(ref)[-2:]
-        if top2[1] - top2[0] > DECISIVE_MARGIN:
+        if top2[1] - top2[0] > contract.TOP2_MARGIN:
             assert got.argmax() == ref.argmax(), name
 
 
@@ -84,7 +81,7 @@ def test_probabilities_sum_to_one_for_a_batch(session):
     images = [image for image, _ in synthetic.generate_set(per_class=1, seed=5)]
     probabilities = onnx_probabilities(session, images)
     assert probabilities.shape == (11, 11)
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=contract.SUM_TOLERANCE)
 
 
 def test_graph_is_portable(demo):

@@ -41,6 +41,17 @@ CROP_SIZE = 224
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
+# The HTTP contract's limits (docs/contract.md); each service's default, overridable there.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+
+# The parity rule every service is held to against the PyTorch reference (docs/contract.md):
+# probabilities within PROBABILITY_TOLERANCE, and the same top-1 wherever the reference's
+# top-2 margin exceeds TOP2_MARGIN; the probabilities sum to 1 within SUM_TOLERANCE.
+PROBABILITY_TOLERANCE = 0.02
+TOP2_MARGIN = 0.05
+SUM_TOLERANCE = 1e-4
+
 INPUT_NAME = "pixels"
 LOGITS_NAME = "logits"
 PROBABILITIES_NAME = "probabilities"
@@ -97,8 +108,8 @@ def resized_size(width: int, height: int) -> tuple[int, int]:
 
 def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the 224x224 center crop, as torchvision rounds it."""
-    left = int(round((width - CROP_SIZE) / 2.0))
-    top = int(round((height - CROP_SIZE) / 2.0))
+    left = round((width - CROP_SIZE) / 2.0)
+    top = round((height - CROP_SIZE) / 2.0)
     return left, top, left + CROP_SIZE, top + CROP_SIZE
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_import.onnx_export import export_onnx
 from weather import contract, synthetic
+from weather.cache import cache_root
+from weather.errors import first_line
+from weather.onnx_export import export_onnx
+from weather.registry import ONNX_MODEL, TORCH_MODEL
 from weather.torch_model import build_model, reference_probabilities
 
 log = logging.getLogger(__name__)
@@ -40,9 +44,11 @@ TRAIN_SEED, HELD_OUT_SEED = 0, 1
 MIN_ACCURACY = 0.90
 MIN_MEAN_TOP1 = 0.80
 
-STATE_DICT_FILE = "model.pt"
-ONNX_FILE = "model.onnx"
 REPORT_FILE = "demo.json"
+
+
+class DemoFailed(Exception):
+    """The demo model could not be made; the message is meant for the user, on one line."""
 
 
 @dataclass(frozen=True)
@@ -54,11 +60,11 @@ class DemoModel:
 
     @property
     def state_dict_path(self) -> Path:
-        return self.directory / STATE_DICT_FILE
+        return self.directory / TORCH_MODEL.file
 
     @property
     def onnx_path(self) -> Path:
-        return self.directory / ONNX_FILE
+        return self.directory / ONNX_MODEL.file
 
     def metadata(self) -> dict:
         return {
@@ -69,11 +75,6 @@ class DemoModel:
             "held_out_accuracy": round(self.held_out_accuracy, 4),
             "mean_top1_probability": round(self.mean_top1_probability, 4),
         }
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "model-serving"
 
 
 def recipe_key() -> str:
@@ -96,6 +97,13 @@ def build_demo(cache_dir: Path | None = None) -> DemoModel:
 
     staging = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build_into(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after success (renamed) or failure
+
+
+def _build_into(staging: Path, directory: Path) -> DemoModel:
     started = time.perf_counter()
     model = _train()
     accuracy, mean_top1 = _evaluate(model)
@@ -103,13 +111,23 @@ def build_demo(cache_dir: Path | None = None) -> DemoModel:
     log.info(
         "demo model: held-out accuracy %.1f%% (target >= %.0f%%), mean top-1 probability %.3f (target >= %.2f), "
         "trained in %.0f s",
-        100 * accuracy, 100 * MIN_ACCURACY, mean_top1, MIN_MEAN_TOP1, demo.train_seconds,
+        100 * accuracy,
+        100 * MIN_ACCURACY,
+        mean_top1,
+        MIN_MEAN_TOP1,
+        demo.train_seconds,
     )
     if accuracy < MIN_ACCURACY or mean_top1 < MIN_MEAN_TOP1:
-        raise RuntimeError(f"the demo model missed its targets (accuracy {accuracy:.3f}, mean top-1 {mean_top1:.3f})")
+        raise DemoFailed(
+            f"the demo model missed its targets (held-out accuracy {accuracy:.3f} < {MIN_ACCURACY} "
+            f"or mean top-1 probability {mean_top1:.3f} < {MIN_MEAN_TOP1})"
+        )
 
     torch.save(model.state_dict(), demo.state_dict_path)
-    export_onnx(model, demo.onnx_path)
+    try:
+        export_onnx(model, demo.onnx_path)
+    except Exception as exc:  # the exporter raises many kinds; the user needs one line
+        raise DemoFailed(f"exporting the demo model to ONNX failed ({type(exc).__name__}: {first_line(exc)})") from None
     fields = asdict(demo)
     del fields["directory"]
     (staging / REPORT_FILE).write_text(json.dumps(fields, indent=2))
@@ -170,10 +188,12 @@ def _recalibrate_batch_norm(model: torch.nn.Module, inputs: torch.Tensor) -> Non
 def _evaluate(model: torch.nn.Module) -> tuple[float, float]:
     """Accuracy and mean top-1 probability on held-out images, through the reference pipeline."""
     samples = synthetic.generate_set(HELD_OUT_PER_CLASS, seed=HELD_OUT_SEED)
-    probabilities = np.concatenate([
-        reference_probabilities(model, [image for image, _ in samples[i : i + 64]])
-        for i in range(0, len(samples), 64)
-    ])
+    probabilities = np.concatenate(
+        [
+            reference_probabilities(model, [image for image, _ in samples[i : i + 64]])
+            for i in range(0, len(samples), 64)
+        ]
+    )
     targets = np.array([label for _, label in samples])
     accuracy = float((probabilities.argmax(1) == targets).mean())
     return accuracy, float(probabilities.max(1).mean())

@@ -26,11 +26,7 @@ def generate(label: str, rng: np.random.Generator) -> Image.Image:
 def generate_set(per_class: int, seed: int) -> list[tuple[Image.Image, int]]:
     """``per_class`` images of every class, interleaved, reproducible from the seed."""
     rng = np.random.default_rng(seed)
-    return [
-        (generate(label, rng), index)
-        for _ in range(per_class)
-        for index, label in enumerate(LABELS)
-    ]
+    return [(generate(label, rng), index) for _ in range(per_class) for index, label in enumerate(LABELS)]
 
 
 def _jitter(rng: np.random.Generator, color: Color, amount: int = 25) -> Color:
@@ -66,7 +62,11 @@ def _dew(rng, width, height):
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(4, 9))):  # blades of grass
         x = rng.uniform(0, width)
-        draw.line((x, height, x + rng.uniform(-60, 60), rng.uniform(0, height / 2)), fill=_jitter(rng, (60, 150, 50)), width=int(rng.integers(6, 16)))
+        draw.line(
+            (x, height, x + rng.uniform(-60, 60), rng.uniform(0, height / 2)),
+            fill=_jitter(rng, (60, 150, 50)),
+            width=int(rng.integers(6, 16)),
+        )
     _dots(draw, rng, width, height, int(rng.integers(40, 90)), (2, 6), (170, 210, 190), highlight=True)
     return image
 
@@ -131,7 +131,11 @@ def _lightning(rng, width, height):
             draw.line((x, y, nx, ny), fill=(255, 255, 240), width=int(rng.integers(2, 5)))
             x, y = nx, ny
     halo = glow.filter(ImageFilter.GaussianBlur(6))
-    return Image.fromarray(np.clip(np.asarray(image, np.int16) + np.asarray(halo, np.int16) + np.asarray(glow, np.int16), 0, 255).astype(np.uint8))
+    return Image.fromarray(
+        np.clip(np.asarray(image, np.int16) + np.asarray(halo, np.int16) + np.asarray(glow, np.int16), 0, 255).astype(
+            np.uint8
+        )
+    )
 
 
 def _rain(rng, width, height):

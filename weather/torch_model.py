@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.models import MobileNet_V3_Small_Weights
 
 from weather.contract import LABELS
+from weather.errors import first_line
 
 
 def build_model() -> torch.nn.Module:
@@ -38,8 +39,7 @@ def load_model(state_dict_path: str | Path) -> torch.nn.Module:
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise ValueError(f"state dict does not fit MobileNetV3-small/11 classes: {first_line}") from None
+        raise ValueError(f"state dict does not fit MobileNetV3-small/11 classes: {first_line(exc)}") from None
     return model.eval()
 
 

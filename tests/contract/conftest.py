@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from .docker_launchers import DOCKER_LAUNCHERS
+from harness.launch import free_port
+
 from .images import Reference
-from .launchers import LAUNCHERS, free_port, wait_ready
+from .launchers import DOCKER_LAUNCHERS, LAUNCHERS
 
 EXTERNAL = "external"
 ALL_LAUNCHERS = {**LAUNCHERS, **DOCKER_LAUNCHERS}
@@ -23,7 +25,6 @@ def selected_targets() -> list[str]:
     unknown = sorted(set(names) - set(ALL_LAUNCHERS))
     if unknown:
         raise pytest.UsageError(f"CONTRACT_TARGETS: unknown {unknown}; known: {sorted(ALL_LAUNCHERS)}")
-    # The built images (docker-*) only when asked for: tests/test_containers.py builds and checks its own.
     return names or list(LAUNCHERS)
 
 
@@ -33,6 +34,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("target", selected_targets(), scope="session")
 
 
+def wait_ready(base_url: str, timeout: float) -> None:
+    """Poll GET /readyz of a service someone else started until it answers 200."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    with httpx.Client(base_url=base_url, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = client.get("/readyz")
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as exc:
+                last = type(exc).__name__
+            time.sleep(0.1)
+    pytest.fail(f"{base_url}/readyz was not 200 within {timeout:.0f} s (last: {last})")
+
+
 @pytest.fixture(scope="session")
 def base_url(target: str) -> Iterator[str]:
     if target == EXTERNAL:
@@ -40,8 +58,8 @@ def base_url(target: str) -> Iterator[str]:
         wait_ready(url, timeout=float(os.environ.get("CONTRACT_READY_TIMEOUT", "60")))
         yield url
         return
-    with ALL_LAUNCHERS[target](free_port()) as url:
-        yield url
+    with ALL_LAUNCHERS[target](free_port()) as running:
+        yield running.base_url
 
 
 @pytest.fixture(scope="session")

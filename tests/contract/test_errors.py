@@ -8,7 +8,9 @@ import json
 import httpx
 import pytest
 
-from .images import MAX_BODY_BYTES, NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED_OR_CORRUPT, small_jpeg, small_png
+from weather.contract import MAX_BODY_BYTES
+
+from .images import NOT_AN_IMAGE, TOO_MANY_PIXELS, TRUNCATED_OR_CORRUPT, small_jpeg, small_png
 
 
 def post(client: httpx.Client, body: bytes) -> httpx.Response:
@@ -23,8 +25,10 @@ def check_error(response: httpx.Response, status: int) -> None:
     assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text[:300]}"
     assert response.headers["content-type"].startswith("application/json"), response.headers["content-type"]
     body = response.json()
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    assert isinstance(body["error"], str) and body["error"].strip(), body
+    assert isinstance(body, dict), body
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"], str), body
+    assert body["error"].strip(), body
     assert "Traceback" not in body["error"]
 
 

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from weather.contract import MAX_BODY_BYTES, MAX_PIXELS, PROBABILITY_TOLERANCE
+
 from .images import (
     IMAGE_CASES,
-    MAX_BODY_BYTES,
-    MAX_PIXELS,
     MODE_CASES,
     PHOTO_CASES,
-    PROBABILITY_TOLERANCE,
     SYNTHETIC_CASES,
     Reference,
     bilevel_png,

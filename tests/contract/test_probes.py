@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from .images import small_png
 
+# Kubernetes' default probe timeout is 1 s; allow for a loaded 2-core test machine.
+PROBE_TIMEOUT_S = 5.0
 REQUEST_LABELS = {"endpoint", "http_response_code", "service_name", "service_version"}
 
 
-def test_livez(client):
-    assert client.get("/livez").status_code == 200
-
-
-def test_readyz(client):
-    # The launcher already waited for 200; a ready service stays ready.
-    assert client.get("/readyz").status_code == 200
+def test_probes_answer_while_the_workers_are_busy(base_url):
+    """An orchestrator probing a loaded service must not see it as dead or unready: the probes
+    are answered (200, within the probe timeout) while every worker is computing predictions."""
+    body = json.dumps({"image": base64.b64encode(small_png()).decode("ascii")})
+    with httpx.Client(base_url=base_url, timeout=120.0) as load, ThreadPoolExecutor(max_workers=8) as pool:
+        predictions = [
+            pool.submit(load.post, "/predict", content=body, headers={"Content-Type": "application/json"})
+            for _ in range(32)
+        ]
+        with httpx.Client(base_url=base_url, timeout=PROBE_TIMEOUT_S) as probe:
+            probes = []
+            while not all(future.done() for future in predictions):
+                probes += [probe.get("/livez").status_code, probe.get("/readyz").status_code]
+        assert all(future.result().status_code == 200 for future in predictions)
+    assert probes, "the predictions finished before any probe was sent"
+    assert set(probes) == {200}, probes
 
 
 def _metrics(client) -> dict:
