@@ -29,6 +29,14 @@ def value(service: dict, section: str, key: str, digits: int = 1) -> str:
     return f"{found:,.{digits}f}" if isinstance(found, float) else f"{found:,}"
 
 
+def identifier(service: dict, key: str, short: bool = False) -> str:
+    """A model tag, hash or image ID from the service's ``measured`` section, as code."""
+    found = service.get("measured", {}).get(key)
+    if not found:
+        return MISSING
+    return f"`{found.removeprefix('sha256:')[:12]}`" if short else f"`{found}`"
+
+
 def markdown(results: dict, charts: list[str]) -> str:
     setup, services = results["setup"], results["services"]
     settings, host = setup["settings"], setup["host"]
@@ -80,6 +88,9 @@ def markdown(results: dict, charts: list[str]) -> str:
             lambda s: f"{value(s, 'startup', 'readyz_s_median', 3)} / {value(s, 'startup', 'readyz_s_p95', 3)}",
         ),
         ("start → first /predict median (s)", lambda s: value(s, "startup", "first_predict_s_median", 3)),
+        ("model measured", lambda s: identifier(s, "model_tag")),
+        ("model file sha256", lambda s: identifier(s, "model_sha256", short=True)),
+        ("image ID", lambda s: identifier(s, "image_id", short=True)),
     ]
     lines += ["## Results", "", header, rule]
     for label, cell in rows:

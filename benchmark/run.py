@@ -151,7 +151,6 @@ def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]
             "python": platform.python_version(),
             **{p: version(p) for p in ("bentoml", "torch", "onnxruntime", "locust")},
         },
-        "measured": {service.name: measured_version(service, settings.mode) for service in settings.services},
         "settings": {
             "profile": settings.profile,
             "services": [service.name for service in settings.services],
@@ -211,7 +210,7 @@ def measure_service(
     service: Service, settings: Settings, out: Path, payload: bytes, payload_path: Path, acceptable: list[str]
 ) -> dict:
     name = service.name
-    result: dict = {"title": service.title, "status": "failed"}
+    result: dict = {"title": service.title, "status": "failed", "measured": measured_version(service, settings.mode)}
     if settings.mode == "container":
         size = docker.size_mb(f"{service.image}:latest")
         result["image_size_mb"] = None if size is None else round(size, 1)

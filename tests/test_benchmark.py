@@ -56,13 +56,14 @@ def test_results_file_is_complete(results):
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk == found
     setup = on_disk["setup"]
-    for key in ("date", "git_sha", "mode", "versions", "settings", "payload", "measured"):
+    for key in ("date", "git_sha", "mode", "versions", "settings", "payload"):
         assert setup[key], key
     # What was measured, from the store itself: the model's version and its file's hash.
     model = bentoml.models.get(ONNX_MODEL.latest)
     for name in ("onnx", "rust"):
-        assert setup["measured"][name]["model_tag"] == str(model.tag)
-        assert setup["measured"][name]["model_sha256"] == model.info.metadata["files"][ONNX_MODEL.file]["sha256"]
+        measured = on_disk["services"][name]["measured"]
+        assert measured["model_tag"] == str(model.tag)
+        assert measured["model_sha256"] == model.info.metadata["files"][ONNX_MODEL.file]["sha256"]
     assert setup["host"]["cores"] >= 2
     assert setup["host"]["cpu_model"]
     assert setup["settings"]["service_cpus"] != setup["settings"]["locust_cpus"]
@@ -110,6 +111,7 @@ def test_report_and_charts_are_rendered_from_the_results(results):
     assert SERVICES["onnx"].title in report
     assert "## Failures" in report
     assert "wrong answer" in report
+    assert f"`{bentoml.models.get(ONNX_MODEL.latest).tag}`" in report, "the report names the model measured"
     for chart in ("throughput.png", "latency.png", "memory.png", "startup.png"):
         assert (run_dir / chart).stat().st_size > 1000
         assert f"]({chart})" in report
