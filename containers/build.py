@@ -257,7 +257,10 @@ def build_rust(latest: bool) -> Built:
     if "DOCKER_BUILDKIT" not in os.environ and not docker.buildx_available():
         env["DOCKER_BUILDKIT"] = "0"
     log(f"{RUST_SCRIPT.relative_to(REPO)} {ref}")
-    subprocess.run(["bash", str(RUST_SCRIPT), ref], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    label = f"{MODEL_LABEL}={model.tag}"
+    subprocess.run(
+        ["bash", str(RUST_SCRIPT), ref, "--label", label], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL
+    )
     if latest:
         docker.tag(ref, f"{service.image}:latest")
     reused = previous == docker.image_id(ref)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the rust_service container image FROM scratch, without pulling anything:
-#   rust_service/build-image.sh [IMAGE_TAG]          (default: weather-rust-service:latest)
+#   rust_service/build-image.sh [IMAGE_TAG [DOCKER_BUILD_ARGS...]]   (default: weather-rust-service:latest)
+# Extra arguments go to `docker build` (containers/build.py adds --label with the model version).
 # Inputs (environment):
 #   ORT_DYLIB_PATH  libonnxruntime.so.1.* to ship (default: the one in ../.venv's onnxruntime wheel)
 #   MODEL_PATH      BentoML model directory with model.yaml + model.onnx (required;
@@ -9,6 +10,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 image="${1:-weather-rust-service:latest}"
+shift $(( $# > 0 ? 1 : 0 ))
 
 ort_lib="${ORT_DYLIB_PATH:-}"
 if [[ -z "$ort_lib" ]]; then
@@ -47,5 +49,5 @@ printf 'root:x:0:\napp:x:10001:\n' > "$rootfs/etc/group"
 
 cp "$here/Dockerfile" "$context/Dockerfile"
 echo "build-image.sh: context $(du -sh "$rootfs" | cut -f1) ($(echo "$libs" | wc -l) system libraries)"
-DOCKER_BUILDKIT=0 docker build --pull=false -t "$image" "$context"
+DOCKER_BUILDKIT=0 docker build --pull=false "$@" -t "$image" "$context"
 docker image inspect "$image" --format 'build-image.sh: {{.RepoTags}} {{.Size}} bytes'

@@ -39,6 +39,7 @@ import pytest
 
 from harness import REPO, docker
 from harness.launch import Container, free_port
+from weather.registry import SERVICES
 
 KEYS = ["onnx", "rust"] + (["torch"] if os.environ.get("CONTAINER_TESTS_TORCH") == "1" else [])
 SECRET = f"ya29.container-test-{secrets.token_hex(16)}"
@@ -135,6 +136,15 @@ def test_image_runs_as_non_root_user_and_listens_on_3000(images, key):
         uids = [line.split()[1] for line in processes.splitlines()[1:] if line.strip()]
         assert uids, processes
         assert "0" not in uids, processes
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_image_names_the_model_it_serves(images, environment, key):
+    """The benchmark reports which model it measured from this label."""
+    model = SERVICES[key].model
+    code = f"import bentoml; print(bentoml.models.get({model.latest!r}).tag)"
+    stored = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+    assert docker.label(images[key]["ref"], docker.MODEL_LABEL) == stored.stdout.strip()
 
 
 @pytest.mark.parametrize("key", [key for key in KEYS if key in SIZE_LIMITS_MB])
