@@ -22,7 +22,15 @@ import psutil
 from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction, run_locust, startup_times
 from benchmark.payload import load_payload
 from harness import REPO, docker
-from harness.launch import LaunchError, Running, free_port, resolve, service_container, service_process
+from harness.launch import (
+    LaunchError,
+    Running,
+    free_port,
+    resolve,
+    service_container,
+    service_environment,
+    service_process,
+)
 from weather import contract
 from weather.registry import TORCH_MODEL, Service
 
@@ -283,7 +291,7 @@ def measure_ceiling(service: Service, settings: Settings, payload_path: Path) ->
     cpu = settings.service_cpus.split(",")[0]
     try:
         command = resolve(service.ceiling, payload=str(payload_path), seconds=str(settings.ceiling_s))
-        env = {**os.environ, **{key: resolve([value])[0] for key, value in service.environment.items()}}
+        env = {**os.environ, **service_environment(service)}
     except LaunchError as failure:
         return {"error": str(failure)}
     result = subprocess.run(

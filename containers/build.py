@@ -147,11 +147,11 @@ def included_files(config: dict) -> list[Path]:
     return sorted(files)
 
 
-def bento_version(service: Service, config: dict) -> str:
+def bento_version(config: dict, model: str) -> str:
+    """A hash of what goes into the bento: its bentofile, sources, model tag and BentoML."""
     import bentoml
 
     digest = hashlib.sha256()
-    model = str(stored_model(service.model).tag)
     digest.update(
         json.dumps(
             {"bentofile": config, "layout": LAYOUT, "bentoml": bentoml.__version__, "model": model}, sort_keys=True
@@ -182,11 +182,11 @@ def bentoml_env() -> dict[str, str]:
     return env
 
 
-def build_bento(service: Service, base_image: str, force: bool) -> tuple[str, str]:
+def build_bento(service: Service, model: str, base_image: str, force: bool) -> tuple[str, str]:
     """``bentoml build`` unless this exact bento exists; returns (bento name, version)."""
     config = generated_bentofile(service, base_image)
     name = config["name"]
-    version = bento_version(service, config)
+    version = bento_version(config, model)
     if bento_exists(name, version) and not force:
         log(f"reusing bento {name}:{version}")
         return name, version
@@ -211,7 +211,8 @@ def build_bento(service: Service, base_image: str, force: bool) -> tuple[str, st
 
 def containerize(service: Service, base_image: str, force: bool, latest: bool) -> Built:
     started = time.monotonic()
-    name, version = build_bento(service, base_image, force)
+    model = str(stored_model(service.model).tag)  # the one the bento bundles and its image is labelled with
+    name, version = build_bento(service, model, base_image, force)
     ref = f"{service.image}:{version}"
     base_id = docker.image_id(base_image)
     reused = not force and docker.label(ref, BASE_ID_LABEL) == base_id
@@ -222,7 +223,7 @@ def containerize(service: Service, base_image: str, force: bool, latest: bool) -
         labels = {
             BASE_ID_LABEL: base_id,
             BENTO_LABEL: f"{name}:{version}",
-            MODEL_LABEL: str(stored_model(service.model).tag),
+            MODEL_LABEL: model,
         }
         command = [
             *BENTOML,

@@ -217,13 +217,7 @@ class LocalProcess(Running):
         return f"it exited with code {self.process.returncode}"
 
     def pids(self) -> list[int]:
-        if self.process is None:
-            return []
-        try:
-            root = psutil.Process(self.process.pid)
-            return [root.pid] + [child.pid for child in root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return _process_tree(self.process.pid) if self.process else []
 
     def logs(self, lines: int = 60) -> str:
         if not self.log_path.exists():
@@ -288,13 +282,7 @@ class Container(Running):
 
     def pids(self) -> list[int]:
         pid = docker.container_pid(self.id) if self.id else None
-        if pid is None:
-            return []
-        try:
-            root = psutil.Process(pid)
-            return [root.pid] + [child.pid for child in root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        return _process_tree(pid) if pid else []
 
     def logs(self, lines: int = 60) -> str:
         return docker.logs(self.id, lines) if self.id else ""
@@ -309,6 +297,20 @@ class Container(Running):
         self.id = None
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants; empty once it is gone."""
+    try:
+        root = psutil.Process(pid)
+        return [root.pid] + [child.pid for child in root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def service_environment(service: Service) -> dict[str, str]:
+    """The variables the service's registry entry asks for, placeholders filled in."""
+    return {key: resolve([value])[0] for key, value in service.environment.items()}
+
+
 def service_process(
     service: Service,
     port: int,
@@ -318,8 +320,8 @@ def service_process(
 ) -> LocalProcess:
     """The service from its registry entry, listening on 127.0.0.1:port."""
     argv = [*resolve(service.command), "--host", "127.0.0.1", "--port", str(port)]
-    env = {key: resolve([value])[0] for key, value in service.environment.items()}
-    return LocalProcess(argv, port, env={**env, **_concurrency(workers)}, cpus=cpus, log_path=log_path)
+    env = {**service_environment(service), **_concurrency(workers)}
+    return LocalProcess(argv, port, env=env, cpus=cpus, log_path=log_path)
 
 
 def service_container(
