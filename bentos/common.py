@@ -1,110 +1,86 @@
-"""What both BentoML services share: settings, the /predict route, errors, model loading.
+"""What both BentoML services share: the typed API, the request pipeline, model loading.
 
-The HTTP contract is docs/contract.md. ``POST /predict`` is a plain Starlette route
-mounted into the service (``@bentoml.asgi_app``) rather than a ``@bentoml.api``:
-BentoML 1.4.39 answers bad input on its API routes in its own formats (pydantic
-details for malformed JSON, a list ``[{"error": ...}]`` for ``InvalidArgument``, 500
-for an unexpected Content-Type), while the contract wants ``{"error": ...}`` and a 4xx
-every time. BentoML still serves /livez, /readyz (from ``__is_ready__``), /metrics,
-and its request metrics count /predict like any other route.
+The HTTP contract is docs/contract.md. ``ClassifierAPI`` holds the three ``@bentoml.api``
+methods both services expose (JSON with base64, a multipart upload, a raw body); each
+service subclasses it and differs only in how it loads its model. ``bentos.http``
+keeps BentoML's HTTP layer to the contract on those routes. BentoML serves /livez,
+/readyz (from ``__is_ready__``), /metrics, /docs.json and the Swagger UI.
 
 Torch-free: the ONNX service imports this.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
 
-import anyio
-import anyio.to_thread
 import bentoml
 import numpy as np
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
+from bentoml.validators import ContentType
 from PIL import Image
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from pydantic import BaseModel, Field
 
 from bentos import imaging, settings
+from bentos.http import ContractGate
 from weather import contract
 
 log = logging.getLogger("bentoml.weather")
 
 
-# How long a request waits for a worker whose model is still loading before it gets 503.
-MODEL_WAIT_SECONDS = 60.0
-
-
 def service_options() -> dict:
     """Keyword arguments for ``@bentoml.service``; ``BENTOML_CONFIG_OPTIONS`` still overrides them."""
-    return {"workers": settings.WORKERS}
+    return {"workers": settings.WORKERS, "threads": settings.WORKER_THREADS}
 
 
-class RequestError(Exception):
-    """Bad input: answered with ``status`` and ``{"error": message}``."""
+class Prediction(BaseModel):
+    """The response of every predict endpoint."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-class NotReady(Exception):
-    """The model is not loaded (yet, or at all): 503."""
+    prediction: str = Field(description="the most probable label")
+    probability: float = Field(description="its probability")
+    probabilities: dict[str, float] = Field(description="every label's probability, in the model's label order")
 
 
-def image_bytes(body: bytes) -> bytes:
-    """The decoded ``image`` of a request body ``{"image": "<standard base64>"}``."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; deeply nested arrays
-        raise RequestError("the body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise RequestError("the body must be a JSON object")
-    if "image" not in payload:
-        raise RequestError("'image' is missing")
-    encoded = payload["image"]
-    if not isinstance(encoded, str):
-        raise RequestError("'image' must be a string (standard base64)")
+def image_bytes(encoded: str) -> bytes:
+    """The bytes of ``image`` in ``{"image": "<standard base64>"}``."""
     try:
         # strict: the standard alphabet only, correct padding, no whitespace or other characters
         return binascii.a2b_base64(encoded, strict_mode=True)
     except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
-        raise RequestError("'image' is not valid standard base64") from None
+        raise InvalidArgument(f"'{contract.IMAGE_FIELD}' is not valid standard base64") from None
 
 
-def prediction(labels: tuple[str, ...], probabilities: np.ndarray) -> dict:
-    """The response body for one image's probabilities (in label order)."""
+def prediction(labels: tuple[str, ...], probabilities: np.ndarray) -> Prediction:
+    """The response for one image's probabilities (in label order)."""
     values = probabilities.tolist()
     best = max(range(len(values)), key=values.__getitem__)
-    return {
-        "prediction": labels[best],
-        "probability": values[best],
-        "probabilities": dict(zip(labels, values, strict=True)),
-    }
+    return Prediction(
+        prediction=labels[best],
+        probability=values[best],
+        probabilities=dict(zip(labels, values, strict=True)),
+    )
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """One loaded model: request body in, response body out. Runs in a worker thread."""
+    """One loaded model: image file in, prediction out. Runs in a worker thread."""
 
     labels: tuple[str, ...]
-    # The 224x224 RGB input -> probabilities in label order, float32 of shape (len(labels),).
-    probabilities: Callable[[Image.Image], np.ndarray]
+    # A batch of 224x224 RGB crops, uint8 NHWC -> probabilities float32 (batch, len(labels)).
+    probabilities: Callable[[np.ndarray], np.ndarray]
     # Resize-then-crop bit for bit as torchvision does (the torch service), or the faster window.
     exact_crop: bool = False
 
     @classmethod
     def from_metadata(
-        cls, metadata: dict, probabilities: Callable[[Image.Image], np.ndarray], exact_crop: bool = False
+        cls, metadata: dict, probabilities: Callable[[np.ndarray], np.ndarray], exact_crop: bool = False
     ) -> Pipeline:
         """Labels and preprocessing from a model's metadata (written by model_import)."""
         imaging.check_input_contract(metadata["input_contract"])
@@ -113,30 +89,33 @@ class Pipeline:
             raise ValueError(f"the model's labels metadata is not a list of names: {metadata['labels']!r}")
         return cls(labels=labels, probabilities=probabilities, exact_crop=exact_crop)
 
-    def predict(self, body: bytes) -> dict:
+    def crop(self, image: bytes) -> np.ndarray:
+        """The model's input for one JPEG or PNG file: 224x224x3 uint8 RGB."""
         try:
-            image = imaging.decode_rgb(image_bytes(body))
+            return np.asarray(imaging.center_crop(imaging.decode_rgb(image), exact=self.exact_crop))
         except imaging.ImageError as exc:
-            raise RequestError(str(exc)) from None
-        return prediction(self.labels, self.probabilities(imaging.center_crop(image, exact=self.exact_crop)))
+            raise InvalidArgument(str(exc)) from None
+
+    def predict(self, image: bytes) -> Prediction:
+        return prediction(self.labels, self.probabilities(self.crop(image)[np.newaxis])[0])
 
     def warm_up(self) -> None:
         """Run every stage once per image format, and check the model's output against the labels."""
-        for body in _warm_up_bodies():
-            result = self.predict(body)
-            total = sum(result["probabilities"].values())
-            if len(result["probabilities"]) != len(self.labels) or abs(total - 1.0) > contract.SUM_TOLERANCE:
+        for image in _warm_up_images():
+            result = self.predict(image)
+            total = sum(result.probabilities.values())
+            if len(result.probabilities) != len(self.labels) or abs(total - 1.0) > contract.SUM_TOLERANCE:
                 raise ValueError(f"the model's output does not match its {len(self.labels)} labels (sum {total:.6f})")
 
 
-def _warm_up_bodies() -> list[bytes]:
+def _warm_up_images() -> list[bytes]:
     image = Image.linear_gradient("L").resize((320, 240)).convert("RGB")
-    bodies = []
+    files = []
     for image_format in imaging.FORMATS:
         buffer = io.BytesIO()
         image.save(buffer, image_format)
-        bodies.append(json.dumps({"image": base64.b64encode(buffer.getvalue()).decode()}).encode())
-    return bodies
+        files.append(buffer.getvalue())
+    return files
 
 
 class Classifier:
@@ -147,7 +126,6 @@ class Classifier:
         self._pipeline: Pipeline | None = None
         self._failure: str | None = None
         self._done = threading.Event()
-        self.limiter: anyio.CapacityLimiter | None = None  # made on the event loop, on first use
         threading.Thread(target=self._load, args=(load,), name="model-loader", daemon=True).start()
 
     def _load(self, load: Callable[[], Pipeline]) -> None:
@@ -177,57 +155,90 @@ class Classifier:
     def failed(self) -> bool:
         return self._failure is not None
 
+    def not_ready_reason(self) -> str:
+        return f"the model failed to load ({self._failure})" if self._failure else "the model is still loading"
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for loading to end (ready or failed); False on timeout."""
         return self._done.wait(timeout)
 
-    def predict_json(self, body: bytes) -> bytes:
-        if not self._done.wait(MODEL_WAIT_SECONDS):
-            raise NotReady("the model is still loading")
-        if self._pipeline is None:
-            raise NotReady(f"the model failed to load ({self._failure})")
-        return json.dumps(self._pipeline.predict(body)).encode()
+    def predict(self, image: bytes) -> Prediction:
+        pipeline = self._pipeline
+        if pipeline is None:
+            raise ServiceUnavailable(self.not_ready_reason())
+        return pipeline.predict(image)
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+class ClassifierAPI:
+    """The endpoints of docs/contract.md, shared by both services.
+
+    A service subclasses this, declares its ``model`` (a ``BentoModel``, so the bento
+    bundles it) and implements ``load_probabilities``; with ``MAX_BATCH_SIZE`` > 1 it
+    also declares ``batch = bentoml.depends(...)``, a batchable model service (see
+    ``model_service``), and the model runs there, fed one image at a time by each request.
+    """
+
+    model: bentoml.Model
+    exact_crop: bool = False
+
+    def __init__(self) -> None:
+        self.classifier = Classifier(self._load_pipeline)
+
+    def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
+        raise NotImplementedError
+
+    def _load_pipeline(self) -> Pipeline:
+        batch = getattr(self, "batch", None)
+        if batch is None:
+            probabilities = self.load_probabilities()
+        else:
+            probabilities = batch.probabilities
+            wait_for_dependency(batch)
+        return Pipeline.from_metadata(self.model.info.metadata, probabilities, exact_crop=self.exact_crop)
+
+    def __is_ready__(self) -> bool:
+        return self.classifier.ready
+
+    def __is_alive__(self) -> bool:
+        return not self.classifier.failed
+
+    @bentoml.api(route=contract.PREDICT_ROUTE)
+    def predict(
+        self, image: Annotated[str, Field(description="the JPEG or PNG file, in standard base64")]
+    ) -> Prediction:
+        """Classify an image sent as base64 in JSON: {"image": "..."}."""
+        return self.classifier.predict(image_bytes(image))
+
+    @bentoml.api(route=contract.UPLOAD_ROUTE)
+    def predict_upload(self, image: Annotated[Path, Field(description="the JPEG or PNG file")]) -> Prediction:
+        """Classify an image uploaded as multipart/form-data (curl -F image=@photo.jpg)."""
+        return self.classifier.predict(image.read_bytes())
+
+    @bentoml.api(route=contract.RAW_ROUTE)
+    def predict_raw(self, image: Annotated[Path, ContentType("image/*")], /) -> Prediction:
+        """Classify an image sent as the body itself (Content-Type image/jpeg, image/png)."""
+        return self.classifier.predict(image.read_bytes())
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or RequestError(413) as soon as it is known to exceed ``limit`` bytes."""
-    too_large = RequestError(f"the request body is larger than {limit} bytes", status=413)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+def wait_for_dependency(batch: object, timeout_s: float = 300.0) -> None:
+    """Block until the model service answers /readyz: it loads in its own process."""
+    deadline = time.monotonic() + timeout_s
+    while not batch.is_ready(timeout=5):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the model service was not ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
-async def predict(request: Request) -> Response:
-    """POST /predict: {"image": base64} -> {"prediction", "probability", "probabilities"}."""
-    try:
-        body = await read_body(request, settings.MAX_BODY_BYTES)
-        classifier: Classifier = bentoml.get_current_service().classifier
-        if classifier.limiter is None:
-            classifier.limiter = anyio.CapacityLimiter(settings.WORKER_THREADS)
-        content = await anyio.to_thread.run_sync(classifier.predict_json, body, limiter=classifier.limiter)
-    except RequestError as exc:
-        return error_response(exc.status, exc.message)
-    except ClientDisconnect:
-        return error_response(400, "the client disconnected before sending the whole body")
-    except NotReady as exc:
-        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
-    except Exception:
-        log.exception("/predict failed")
-        return error_response(500, "internal error, see the server log")
-    return Response(content, media_type="application/json")
+def add_contract_gate(service: bentoml.Service) -> None:
+    """The contract on the predict routes (see bentos.http)."""
+    service.add_asgi_middleware(ContractGate, max_body_bytes=settings.MAX_BODY_BYTES)
 
 
-def predict_app() -> Starlette:
-    """The app each service mounts for POST /predict."""
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+def batch_options() -> dict:
+    """``@bentoml.api`` options of a model service's batchable method."""
+    return {
+        "batchable": True,
+        # BentoML refuses 1; with batching off the model service is defined but never served.
+        "max_batch_size": max(settings.MAX_BATCH_SIZE, 2),
+        "max_latency_ms": settings.MAX_BATCH_LATENCY_MS,
+    }

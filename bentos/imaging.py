@@ -17,6 +17,9 @@ from weather import contract
 from weather.errors import first_line
 
 FORMATS = ("JPEG", "PNG")
+# How every file of those formats begins: enough to refuse anything else unparsed.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+NOT_AN_IMAGE = "the bytes are not a JPEG or PNG image"
 
 
 class ImageError(ValueError):
@@ -34,7 +37,7 @@ def decode_rgb(data: bytes, max_pixels: int | None = None) -> Image.Image:
     except Image.DecompressionBombError:  # Pillow's own, looser guard can fire in open()
         raise ImageError(f"the image has more than {max_pixels} pixels") from None
     except Exception:  # UnidentifiedImageError, or whatever a broken header makes a plugin raise
-        raise ImageError("the bytes are not a JPEG or PNG image") from None
+        raise ImageError(NOT_AN_IMAGE) from None
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"the image has {width}x{height} = {width * height} pixels, more than {max_pixels}")

@@ -9,10 +9,11 @@ must not import torch or torchvision, nor may its bento install them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import bentoml
 import numpy as np
 from bentoml.models import BentoModel
-from PIL import Image
 
 from bentos import common, settings
 from weather.registry import ONNX_MODEL
@@ -21,10 +22,9 @@ with bentoml.importing():
     import onnxruntime as ort
 
 
-def load_pipeline(model: bentoml.Model) -> common.Pipeline:
-    """The request pipeline on an ONNX Runtime session for ``model`` (also the benchmark's ceiling)."""
-    metadata = model.info.metadata
-    contract = metadata["input_contract"]
+def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime session for ``model``: a batch of crops in, probabilities out."""
+    contract = model.info.metadata["input_contract"]
     if "probabilities" not in contract["outputs"]:
         raise ValueError(f"the model has no 'probabilities' output: {sorted(contract['outputs'])}")
     input_name = contract["input"]["name"]
@@ -37,23 +37,40 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(model.path_of(ONNX_MODEL.file), options, providers=["CPUExecutionProvider"])
 
-    def probabilities(image: Image.Image) -> np.ndarray:
+    def probabilities(crops: np.ndarray) -> np.ndarray:
         # The uint8 pixels go to the graph as they are: no float copy, no transpose here.
-        return session.run(["probabilities"], {input_name: np.asarray(image)[np.newaxis]})[0][0]
+        return session.run(["probabilities"], {input_name: crops})[0]
 
-    return common.Pipeline.from_metadata(metadata, probabilities)
+    return probabilities
+
+
+def load_pipeline(model: bentoml.Model) -> common.Pipeline:
+    """The whole request pipeline in this process (also the benchmark's ceiling)."""
+    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model))
 
 
 @bentoml.service(**common.service_options())
-@bentoml.asgi_app(common.predict_app())
-class OnnxClassifier:
+class OnnxModel:
+    """The model alone, batchable: the classifier's dependency when MAX_BATCH_SIZE > 1."""
+
     model = BentoModel(ONNX_MODEL.latest)
 
     def __init__(self) -> None:
-        self.classifier = common.Classifier(lambda: load_pipeline(self.model))
+        self._probabilities = load_probabilities(self.model)
 
-    def __is_ready__(self) -> bool:
-        return self.classifier.ready
+    @bentoml.api(**common.batch_options())
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        return self._probabilities(crops)
 
-    def __is_alive__(self) -> bool:
-        return not self.classifier.failed
+
+@bentoml.service(**common.service_options())
+class OnnxClassifier(common.ClassifierAPI):
+    model = BentoModel(ONNX_MODEL.latest)
+    if settings.BATCHING:
+        batch = bentoml.depends(OnnxModel)
+
+    def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
+        return load_probabilities(self.model)
+
+
+common.add_contract_gate(OnnxClassifier)

@@ -12,6 +12,10 @@ variables configures any of the three services:
     INTRA_THREADS    ONNX Runtime intra-op threads / torch threads, per worker (default 1)
     MAX_BODY_BYTES   larger request bodies get 413 (default 16 MiB, the contract's limit)
     MAX_PIXELS       larger images get 400, judged from the header (default 40,000,000)
+    MAX_BATCH_SIZE   adaptive batching: up to this many images per model call (default 1: off);
+                     the model then runs in a second, batchable service (docs/contract.md)
+    MAX_BATCH_LATENCY_MS  BentoML's max_latency_ms for that service (default 60,000): its
+                     dispatcher answers 503 to a request it expects to wait longer
 """
 
 from __future__ import annotations
@@ -50,3 +54,6 @@ WORKER_THREADS = env_int("WORKER_THREADS", 1)
 INTRA_THREADS = env_int("INTRA_THREADS", 1)
 MAX_BODY_BYTES = env_int("MAX_BODY_BYTES", contract.MAX_BODY_BYTES)
 MAX_PIXELS = env_int("MAX_PIXELS", contract.MAX_PIXELS)
+MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 1)
+MAX_BATCH_LATENCY_MS = env_int("MAX_BATCH_LATENCY_MS", 60_000)
+BATCHING = MAX_BATCH_SIZE > 1

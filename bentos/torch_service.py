@@ -6,18 +6,18 @@ torchvision MobileNetV3-small from the ``weather-torch`` state dict, in eval mod
 under ``torch.inference_mode()``. Preprocessing is torchvision's
 ``MobileNet_V3_Small_Weights.DEFAULT.transforms()`` step by step: Pillow resize then
 center crop (the exact path of ``bentos.imaging.center_crop``), then the preset's own
-``pil_to_tensor``, ``convert_image_dtype`` and ``normalize``, with the mean and std
+``pil_to_tensor`` (as an NHWC->NCHW view of the crops), ``convert_image_dtype`` and ``normalize``, with the mean and std
 from the model's metadata.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import bentoml
 import numpy as np
 from bentoml.models import BentoModel
-from PIL import Image
 
 from bentos import common, settings
 from weather.registry import TORCH_MODEL
@@ -29,37 +29,54 @@ with bentoml.importing():
     from weather.torch_model import load_model
 
 
-def load_pipeline(model: bentoml.Model) -> common.Pipeline:
-    """The request pipeline on the torch model for ``model`` (also the benchmark's ceiling)."""
+def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """The torch model for ``model``: a batch of crops in, probabilities out."""
     torch.set_num_threads(settings.INTRA_THREADS)
-    metadata = model.info.metadata
-    in_graph = metadata["input_contract"]["in_graph"]
+    # The model runs one operator at a time anyway. Only allowed once, before any parallel
+    # work: in a worker this is first; in a process that already ran torch it raises.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    in_graph = model.info.metadata["input_contract"]["in_graph"]
     mean, std = list(in_graph["mean"]), list(in_graph["std"])
     network = load_model(model.path_of(TORCH_MODEL.file))  # eval mode
 
-    def probabilities(image: Image.Image) -> np.ndarray:
+    def probabilities(crops: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            pixels = F.convert_image_dtype(F.pil_to_tensor(image), torch.float)
-            batch = F.normalize(pixels, mean=mean, std=std).unsqueeze(0)
-            return torch.softmax(network(batch), dim=1)[0].numpy()
+            # NHWC uint8 -> NCHW, as the preset's pil_to_tensor does per image.
+            pixels = F.convert_image_dtype(torch.from_numpy(crops).permute(0, 3, 1, 2), torch.float)
+            return torch.softmax(network(F.normalize(pixels, mean=mean, std=std)), dim=1).numpy()
 
-    return common.Pipeline.from_metadata(metadata, probabilities, exact_crop=True)
+    return probabilities
+
+
+def load_pipeline(model: bentoml.Model) -> common.Pipeline:
+    """The whole request pipeline in this process (also the benchmark's ceiling)."""
+    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model), exact_crop=True)
 
 
 @bentoml.service(**common.service_options())
-@bentoml.asgi_app(common.predict_app())
-class TorchClassifier:
+class TorchModel:
+    """The model alone, batchable: the classifier's dependency when MAX_BATCH_SIZE > 1."""
+
     model = BentoModel(TORCH_MODEL.latest)
 
     def __init__(self) -> None:
-        # The model runs one operator at a time anyway. Only allowed once, before any parallel
-        # work: in a worker this is first; in a process that already ran torch it raises.
-        with contextlib.suppress(RuntimeError):
-            torch.set_num_interop_threads(1)
-        self.classifier = common.Classifier(lambda: load_pipeline(self.model))
+        self._probabilities = load_probabilities(self.model)
 
-    def __is_ready__(self) -> bool:
-        return self.classifier.ready
+    @bentoml.api(**common.batch_options())
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        return self._probabilities(crops)
 
-    def __is_alive__(self) -> bool:
-        return not self.classifier.failed
+
+@bentoml.service(**common.service_options())
+class TorchClassifier(common.ClassifierAPI):
+    model = BentoModel(TORCH_MODEL.latest)
+    exact_crop = True
+    if settings.BATCHING:
+        batch = bentoml.depends(TorchModel)
+
+    def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
+        return load_probabilities(self.model)
+
+
+common.add_contract_gate(TorchClassifier)

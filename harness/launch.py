@@ -241,7 +241,7 @@ class LocalProcess(Running):
 
 
 class Container(Running):
-    """``docker run --detach --init -p 127.0.0.1:PORT:3000 IMAGE``, always removed by ``stop``."""
+    """``docker run --detach --init -p 127.0.0.1:PORT:3000 [OPTIONS] IMAGE [ARGS]``, always removed by ``stop``."""
 
     def __init__(
         self,
@@ -251,12 +251,15 @@ class Container(Running):
         cpuset: str | None = None,
         cpus: str | None = None,
         log_path: Path | None = None,
+        options: Sequence[str] = (),
+        args: Sequence[str] = (),
     ) -> None:
         super().__init__(port)
         self.image = image
         self.env = dict(env or {})
         self.cpuset, self.cpus = cpuset, cpus
         self.log_path = log_path
+        self.options, self.args = list(options), list(args)
         self.id: str | None = None
 
     def start(self) -> float:
@@ -268,7 +271,7 @@ class Container(Running):
         for key, value in self.env.items():
             argv += ["--env", f"{key}={value}"]
         self.started = time.monotonic()
-        result = subprocess.run([*argv, self.image], capture_output=True, text=True)
+        result = subprocess.run([*argv, *self.options, self.image, *self.args], capture_output=True, text=True)
         if result.returncode != 0:
             raise LaunchError(f"docker run {self.image} failed: {result.stderr.strip()[:500]}")
         self.id = result.stdout.strip()
@@ -317,10 +320,11 @@ def service_process(
     cpus: str | None = None,
     workers: int | None = None,
     log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> LocalProcess:
-    """The service from its registry entry, listening on 127.0.0.1:port."""
+    """The service from its registry entry, listening on 127.0.0.1:port; ``env`` adds settings."""
     argv = [*resolve(service.command), "--host", "127.0.0.1", "--port", str(port)]
-    env = {**service_environment(service), **_concurrency(workers)}
+    env = {**service_environment(service), **_concurrency(workers), **(env or {})}
     return LocalProcess(argv, port, env=env, cpus=cpus, log_path=log_path)
 
 
@@ -331,9 +335,11 @@ def service_container(
     cpuset: str | None = None,
     workers: int | None = None,
     log_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Container:
-    """The service's image (``make images``) with its port published on 127.0.0.1:port."""
-    return Container(f"{service.image}:{tag}", port, env=_concurrency(workers), cpuset=cpuset, log_path=log_path)
+    """The service's image (``make images``) with its port published on 127.0.0.1:port; ``env`` adds settings."""
+    env = {**_concurrency(workers), **(env or {})}
+    return Container(f"{service.image}:{tag}", port, env=env, cpuset=cpuset, log_path=log_path)
 
 
 def _concurrency(workers: int | None) -> dict[str, str]:

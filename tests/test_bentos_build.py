@@ -23,6 +23,7 @@ STORE = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
 
 SHARED_SOURCES = {
     "bentos/common.py",
+    "bentos/http.py",
     "bentos/imaging.py",
     "bentos/settings.py",
     "weather/contract.py",
@@ -34,7 +35,7 @@ OWN_SOURCES = {"onnx": {"bentos/onnx_service.py"}, "torch": {"bentos/torch_servi
 
 # Run inside a bento's src/ only: the repository is not importable, torch may be blocked.
 _RUN_FROM_SRC = """
-import base64, importlib, io, json, sys
+import importlib, io, sys
 from pathlib import Path
 if {block_torch}:
     import importlib.abc
@@ -52,8 +53,7 @@ buffer = io.BytesIO()
 Image.linear_gradient("L").convert("RGB").save(buffer, "JPEG")
 service = getattr(module, "{cls}")()
 assert service.classifier.wait(300) and service.classifier.ready, "the model did not load"
-body = json.dumps({{"image": base64.b64encode(buffer.getvalue()).decode()}}).encode()
-print(json.loads(service.classifier.predict_json(body))["prediction"])
+print(service.classifier.predict(buffer.getvalue()).prediction)
 """
 
 

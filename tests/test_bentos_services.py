@@ -23,11 +23,12 @@ with warnings.catch_warnings():  # starlette would like httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from bentos import common, onnx_service, settings
+from bentos import onnx_service, settings
 from bentos.onnx_service import OnnxClassifier
 from bentos.torch_service import TorchClassifier
 from harness import REPO
 from weather import synthetic
+from weather.contract import PREDICT_ROUTE, RAW_ROUTE, UPLOAD_ROUTE
 from weather.photos import photo_paths
 
 SERVICES = {"onnx": OnnxClassifier, "torch": TorchClassifier}
@@ -97,7 +98,7 @@ def test_errors_are_json(client, body, status):
 
 @pytest.mark.parametrize("content_type", ["text/plain", "multipart/form-data", "application/vnd.bentoml+pickle", None])
 def test_content_type_does_not_matter(client, content_type):
-    # BentoML's own API routes pick a deserializer from the Content-Type; this route always reads JSON.
+    # BentoML picks a deserializer from the Content-Type; /predict always reads JSON (bentos.http).
     headers = {"Content-Type": content_type} if content_type else {}
     response = client.post("/predict", content=_body(_photo()), headers=headers)
     assert response.status_code == 200, response.text
@@ -110,43 +111,38 @@ def test_content_type_does_not_matter(client, content_type):
 def gated_load(monkeypatch):
     """The ONNX service's model loading held until the test opens the gate."""
     gate = threading.Event()
-    original = onnx_service.load_pipeline
+    original = onnx_service.load_probabilities
 
     def load(model):
         assert gate.wait(30)
         return original(model)
 
-    monkeypatch.setattr(onnx_service, "load_pipeline", load)
+    monkeypatch.setattr(onnx_service, "load_probabilities", load)
     yield gate
     gate.set()
 
 
-def test_not_ready_until_loaded_and_warm(gated_load, monkeypatch):
-    monkeypatch.setattr(common, "MODEL_WAIT_SECONDS", 0.2)
+def test_not_ready_until_loaded_and_warm(gated_load):
     with TestClient(OnnxClassifier.to_asgi()) as client:
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 503
-        response = client.post("/predict", content=_body(_photo()))
-        assert response.status_code == 503
-        assert response.json() == {"error": "the model is still loading"}
+        for route in (PREDICT_ROUTE, UPLOAD_ROUTE, RAW_ROUTE):
+            # Refused at once, before the body is read: a client retries or goes elsewhere.
+            response = client.post(route, content=_body(_photo()))
+            assert response.status_code == 503
+            assert response.json() == {"error": "the model is still loading"}
+            assert response.headers["retry-after"] == "1"
 
         gated_load.set()
         _wait_ready(client)
         assert client.post("/predict", content=_body(_photo())).status_code == 200
 
 
-def test_requests_wait_for_a_loading_model(gated_load):
-    with TestClient(OnnxClassifier.to_asgi()) as client:
-        threading.Timer(0.5, gated_load.set).start()
-        response = client.post("/predict", content=_body(_photo()))
-        assert response.status_code == 200, response.text
-
-
 def test_a_model_that_fails_to_load(monkeypatch):
     def load(model):
         raise ValueError("no such model")
 
-    monkeypatch.setattr(onnx_service, "load_pipeline", load)
+    monkeypatch.setattr(onnx_service, "load_probabilities", load)
     with TestClient(OnnxClassifier.to_asgi()) as client:
         deadline = time.monotonic() + 30
         while client.get("/livez").status_code == 200:

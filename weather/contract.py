@@ -41,6 +41,13 @@ CROP_SIZE = 224
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
+# The three ways to send an image (docs/contract.md); each answers the same.
+PREDICT_ROUTE = "/predict"  # JSON {"image": "<standard base64>"}
+UPLOAD_ROUTE = "/predict/upload"  # multipart/form-data, one file part named IMAGE_FIELD
+RAW_ROUTE = "/predict/raw"  # the file itself, with one of RAW_CONTENT_TYPES
+IMAGE_FIELD = "image"
+RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+
 # The HTTP contract's limits (docs/contract.md); each service's default, overridable there.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_PIXELS = 40_000_000
@@ -120,3 +127,10 @@ def prepare_pixels(image: Image.Image) -> np.ndarray:
     resized = image.resize(resized_size(*image.size), Image.BILINEAR)
     cropped = resized.crop(center_crop_box(*resized.size))
     return np.asarray(cropped, dtype=np.uint8)
+
+
+# How long a service may take to stop after SIGTERM: it stops accepting, then finishes the
+# requests in flight for at most this long. The Rust service's actix-web shutdown_timeout
+# (rust_service/src/main.rs) and the bentos' `--timeout-graceful-shutdown` (deploy/k8s) are
+# this value, and every Kubernetes grace period covers it; tests/test_k8s.py checks all three.
+GRACEFUL_TIMEOUT_SECONDS = 30

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from harness.launch import free_port
+from weather.endpoints import ENDPOINTS, Endpoint
 
 from .images import Reference
 from .launchers import DOCKER_LAUNCHERS, LAUNCHERS
@@ -71,3 +72,9 @@ def client(base_url: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def reference() -> Reference:
     return Reference()
+
+
+@pytest.fixture(params=list(ENDPOINTS))
+def endpoint(request: pytest.FixtureRequest) -> Endpoint:
+    """Each way to send an image (docs/contract.md): JSON with base64, upload, raw body."""
+    return ENDPOINTS[request.param]
