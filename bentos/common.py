@@ -132,13 +132,12 @@ class Classifier:
         started = time.perf_counter()
         try:
             pipeline = load()
-            pipeline.warm_up()
         except Exception as exc:  # reported through /livez, /readyz and 503s
             log.exception("loading the model failed")
             self._failure = f"{type(exc).__name__}: {exc}"
         else:
             self._pipeline = pipeline
-            log.info("model loaded and warmed up in %.2f s", time.perf_counter() - started)
+            log.info("ready to serve in %.2f s (model loaded and warmed up)", time.perf_counter() - started)
         finally:
             self._done.set()
 
@@ -188,13 +187,19 @@ class ClassifierAPI:
         raise NotImplementedError
 
     def _load_pipeline(self) -> Pipeline:
-        batch = getattr(self, "batch", None)
-        if batch is None:
-            probabilities = self.load_probabilities()
-        else:
-            probabilities = batch.probabilities
-            wait_for_dependency(batch)
-        return Pipeline.from_metadata(self.model.info.metadata, probabilities, exact_crop=self.exact_crop)
+        if getattr(self, "batch", None) is not None:
+            # The model service warms the model up; its readiness is part of /readyz (BentoML's runner probe).
+            return Pipeline.from_metadata(self.model.info.metadata, self._batched, exact_crop=self.exact_crop)
+        pipeline = Pipeline.from_metadata(self.model.info.metadata, self.load_probabilities(), self.exact_crop)
+        pipeline.warm_up()
+        return pipeline
+
+    def _batched(self, crops: np.ndarray) -> np.ndarray:
+        """The model service's batchable method, for one request's crop."""
+        try:
+            return self.batch.probabilities(crops)
+        except OSError as exc:  # aiohttp's connection errors: the model service is still starting
+            raise ServiceUnavailable(f"the model service is not reachable ({exc})") from exc
 
     def __is_ready__(self) -> bool:
         return self.classifier.ready
@@ -220,18 +225,15 @@ class ClassifierAPI:
         return self.classifier.predict(image.read_bytes())
 
 
-def wait_for_dependency(batch: object, timeout_s: float = 300.0) -> None:
-    """Block until the model service answers /readyz: it loads in its own process."""
-    deadline = time.monotonic() + timeout_s
-    while not batch.is_ready(timeout=5):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the model service was not ready within {timeout_s:.0f} s")
-        time.sleep(0.2)
-
-
 def add_contract_gate(service: bentoml.Service) -> None:
     """The contract on the predict routes (see bentos.http)."""
     service.add_asgi_middleware(ContractGate, max_body_bytes=settings.MAX_BODY_BYTES)
+
+
+def warmed_up(pipeline: Pipeline) -> Callable[[np.ndarray], np.ndarray]:
+    """A model service's model, once the whole pipeline around it has run and checked its output."""
+    pipeline.warm_up()
+    return pipeline.probabilities
 
 
 def batch_options() -> dict:

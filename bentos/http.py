@@ -317,9 +317,10 @@ def _validation_message(error: dict) -> str:
 
 def _unavailable_or_internal(status: int) -> str:
     if status == HTTPStatus.SERVICE_UNAVAILABLE:
-        # BentoML replaces every 5xx message; its only 503 on these routes is the batch
-        # dispatcher's refusal of a request it expects to miss MAX_BATCH_LATENCY_MS.
-        return "the service is overloaded; retry later"
+        # BentoML replaces every 5xx message: this is /readyz before the model (or the model
+        # service) is ready, or the batch dispatcher refusing a request it expects to miss
+        # MAX_BATCH_LATENCY_MS. The gate answers a model still loading itself, by name.
+        return "the service is not ready or is overloaded; retry later"
     return INTERNAL_ERROR
 
 

@@ -61,7 +61,7 @@ class TorchModel:
     model = BentoModel(TORCH_MODEL.latest)
 
     def __init__(self) -> None:
-        self._probabilities = load_probabilities(self.model)
+        self._probabilities = common.warmed_up(load_pipeline(self.model))
 
     @bentoml.api(**common.batch_options())
     def probabilities(self, crops: np.ndarray) -> np.ndarray:

@@ -124,3 +124,20 @@ def test_torch_service_is_the_reference(cases, reference, record_property):
     print(f"\ntorch service vs reference on {len(cases)} images: max |dp| {worst:.2e} ({worst_name})")
     assert worst <= TORCH_TOLERANCE, f"{worst_name}: {worst:.2e}"
     assert not flips
+
+
+@pytest.mark.parametrize("service_class", [OnnxClassifier, TorchClassifier], ids=["onnx", "torch"])
+def test_a_batch_gives_each_image_its_own_answer(cases, service_class):
+    # What adaptive batching relies on: the model run on 8 crops at once answers each as alone.
+    threads = torch.get_num_threads()
+    service = service_class()
+    try:
+        assert service.classifier.wait(120), "the model is still loading"
+        pipeline = service.classifier.pipeline
+        crops = np.stack([pipeline.crop(data) for data in list(cases.values())[:8]])
+        together = pipeline.probabilities(crops)
+        alone = np.concatenate([pipeline.probabilities(crop[np.newaxis]) for crop in crops])
+    finally:
+        torch.set_num_threads(threads)
+    assert together.shape == alone.shape == (8, len(pipeline.labels))
+    assert np.abs(together - alone).max() <= TORCH_TOLERANCE
