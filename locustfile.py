@@ -1,10 +1,15 @@
-"""Load test for the weather classifier: POST /predict with one payload, no think time.
+"""Load test for the weather classifier: one image, sent by one endpoint, no think time.
 
-    locust -f locustfile.py --headless -u 16 -r 16 -t 60s --host http://127.0.0.1:3000
+    locust -f locustfile.py --headless -u 16 -r 16 -t 60s --host http://127.0.0.1:3000 [--endpoint raw]
+
+Endpoints (docs/contract.md): ``json`` POST /predict with {"image": "<base64>"} (the
+default), ``upload`` POST /predict/upload as multipart/form-data, ``raw`` POST
+/predict/raw with the file as the body.
 
 Environment:
-  PAYLOAD_PATH   a JSON payload {"image": "<base64>"} or a JPEG/PNG image
-                 (default: the generated benchmark payload, see benchmark/payload.py)
+  ENDPOINT       the endpoint, like --endpoint
+  PAYLOAD_PATH   a JPEG/PNG image or a JSON payload {"image": "<base64>"}
+                 (default: the generated benchmark image, see benchmark/payload.py)
   LATENCY_LOG    write every request's end time, latency and outcome to this CSV file
                  (the benchmark computes exact percentiles from it)
   REQUEST_LIMIT  stop after this many requests (e.g. 40000, like the original project)
@@ -14,6 +19,7 @@ Every response is checked: status 200 and a valid prediction, else it counts as 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -21,12 +27,29 @@ import time
 import gevent
 from locust import FastHttpUser, events, task
 
-from benchmark.payload import load_payload
+from benchmark.payload import load_image
 from weather.contract import LABELS
+from weather.endpoints import ENDPOINTS, Request
 
-PAYLOAD = load_payload(os.environ.get("PAYLOAD_PATH"))
-HEADERS = {"Content-Type": "application/json"}
+IMAGE = load_image(os.environ.get("PAYLOAD_PATH"))
 VALID_LABELS = frozenset(LABELS)
+
+
+@events.init_command_line_parser.add_listener
+def _endpoint_option(parser):
+    parser.add_argument(
+        "--endpoint",
+        choices=sorted(ENDPOINTS),
+        default="json",
+        env_var="ENDPOINT",
+        help="how the image is sent: json (base64), upload (multipart) or raw (the body)",
+    )
+
+
+@functools.cache
+def prepared(endpoint: str) -> Request:
+    """The request body and headers, built once per process (sending must not re-encode)."""
+    return ENDPOINTS[endpoint].request(IMAGE)
 
 
 class WeatherClassifierUser(FastHttpUser):
@@ -34,7 +57,11 @@ class WeatherClassifierUser(FastHttpUser):
 
     @task
     def predict(self):
-        with self.client.post("/predict", data=PAYLOAD, headers=HEADERS, catch_response=True) as response:
+        endpoint = self.environment.parsed_options.endpoint
+        request = prepared(endpoint)
+        with self.client.post(
+            ENDPOINTS[endpoint].route, data=request.body, headers=dict(request.headers), catch_response=True
+        ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {(response.text or '')[:120]}")
                 return

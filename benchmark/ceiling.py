@@ -34,10 +34,12 @@ def pipeline(runtime: str):
 
 
 def measure(runtime: str, payload: bytes, seconds: float) -> dict:
+    from bentos.common import image_bytes
+
     service_pipeline = pipeline(runtime)
 
     def predict(body: bytes) -> str:
-        return json.dumps(service_pipeline.predict(body))
+        return service_pipeline.predict(image_bytes(json.loads(body)["image"])).model_dump_json()
 
     for _ in range(5):  # warm-up
         predict(payload)
@@ -55,7 +57,8 @@ def measure(runtime: str, payload: bytes, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmark.payload import load_payload
+    from benchmark.payload import load_image
+    from weather.endpoints import json_request
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.ceiling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--payload", type=Path, help="JSON payload or image (default: the benchmark payload)")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.runtime, load_payload(args.payload), args.seconds)))
+    payload = json_request(load_image(args.payload)).body
+    print(json.dumps(measure(args.runtime, payload, args.seconds)))
     return 0
 
 

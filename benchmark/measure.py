@@ -18,6 +18,7 @@ import psutil
 from harness import REPO
 from harness.launch import Running, request
 from weather import contract
+from weather.endpoints import ENDPOINTS
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -26,16 +27,17 @@ class ServiceFailed(Exception):
     """The service answered wrongly, or the load generator failed."""
 
 
-def check_prediction(port: int, payload: bytes, acceptable_labels: list[str]) -> None:
+def check_prediction(port: int, image: bytes, acceptable_labels: list[str], endpoint: str = "json") -> None:
     """One request that must succeed with the expected answer before anything is timed."""
-    status, body = request(port, "POST", "/predict", payload, headers={"Content-Type": "application/json"})
+    route, sent = ENDPOINTS[endpoint].route, ENDPOINTS[endpoint].request(image)
+    status, body = request(port, "POST", route, sent.body, headers=dict(sent.headers))
     if status != 200:
-        raise ServiceFailed(f"POST /predict answered {status or 'nothing'}: {body[:200]!r}")
+        raise ServiceFailed(f"POST {route} answered {status or 'nothing'}: {body[:200]!r}")
     try:
         answer = json.loads(body)
         prediction, probabilities = answer["prediction"], answer["probabilities"]
     except (ValueError, KeyError, TypeError):
-        raise ServiceFailed(f"POST /predict returned a malformed body: {body[:200]!r}") from None
+        raise ServiceFailed(f"POST {route} returned a malformed body: {body[:200]!r}") from None
     if prediction not in acceptable_labels:
         raise ServiceFailed(
             f"wrong answer: predicted {prediction!r}, the reference says {' or '.join(acceptable_labels)}"
@@ -98,13 +100,14 @@ def run_locust(
     users: int,
     seconds: float,
     cpus: str,
-    payload_path: Path,
+    image_path: Path,
     out_prefix: Path,
     request_limit: int | None = None,
+    endpoint: str = "json",
 ) -> dict:
-    """One headless Locust run; returns exact figures from every recorded request."""
+    """One headless Locust run sending the image through ``endpoint``; exact figures from every request."""
     latency_log = out_prefix.with_name(out_prefix.name + "_latencies.csv")
-    env = {**os.environ, "PAYLOAD_PATH": str(payload_path), "LATENCY_LOG": str(latency_log)}
+    env = {**os.environ, "PAYLOAD_PATH": str(image_path), "LATENCY_LOG": str(latency_log), "ENDPOINT": endpoint}
     if request_limit:
         env["REQUEST_LIMIT"] = str(request_limit)
     command = [
@@ -169,7 +172,7 @@ def failure_kinds(failures_csv: Path) -> dict[str, int]:
         return {row["Error"]: int(row["Occurrences"]) for row in csv.DictReader(file)}
 
 
-def startup_times(make_running, runs: int, payload: bytes, acceptable_labels: list[str], timeout_s: float) -> dict:
+def startup_times(make_running, runs: int, image: bytes, acceptable_labels: list[str], timeout_s: float) -> dict:
     """Cold starts: launch -> first /readyz 200, and launch -> first successful /predict."""
     ready, first_predict = [], []
     for _ in range(runs):
@@ -177,7 +180,7 @@ def startup_times(make_running, runs: int, payload: bytes, acceptable_labels: li
         try:
             started = running.start()
             ready.append(running.wait_ready(started, timeout_s))
-            check_prediction(running.port, payload, acceptable_labels)
+            check_prediction(running.port, image, acceptable_labels)
             first_predict.append(time.monotonic() - started)
         finally:
             running.stop()

@@ -1,10 +1,11 @@
-"""The benchmark's request body, shaped like the original project's.
+"""The benchmark's image, shaped like the original project's payload.
 
 The original sent one 1200x727 baseline JPEG at quality 75 (~232 KB, ~310 KB as
-base64 JSON). No such photo can be downloaded here, so the default payload is
-made deterministically from a real photo that ships in matplotlib's wheel,
-cropped to the same aspect ratio and resized to the same size.
-Users can pass their own JSON payload or JPEG/PNG image instead.
+base64 JSON). No such photo can be downloaded here, so the default image is made
+deterministically from a real photo that ships in matplotlib's wheel, cropped to
+the same aspect ratio and resized to the same size. Users can pass their own
+JPEG/PNG image, or a JSON payload {"image": "<base64>"}, instead. Each endpoint
+sends it its own way (``weather.endpoints``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ JPEG_QUALITY = 75
 SOURCE_PHOTO = "grace_hopper"
 
 
-def default_payload_path() -> Path:
-    return cache_root() / f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}.json"
+def default_image_path() -> Path:
+    return cache_root() / f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}.jpg"
 
 
 def benchmark_jpeg() -> bytes:
@@ -47,18 +48,14 @@ def benchmark_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-def payload_for_image(image_bytes: bytes) -> bytes:
-    return json.dumps({"image": base64.b64encode(image_bytes).decode("ascii")}).encode()
-
-
-def load_payload(path: str | Path | None = None) -> bytes:
-    """The request body: from a .json payload, a JPEG/PNG image, or (default) the generated one."""
+def load_image(path: str | Path | None = None) -> bytes:
+    """The image file: from a JPEG/PNG file, a .json payload, or (default) the generated one."""
     if path is None:
-        default = default_payload_path()
+        default = default_image_path()
         if not default.exists():
             default.parent.mkdir(parents=True, exist_ok=True)
             staging = default.with_suffix(".tmp")
-            staging.write_bytes(payload_for_image(benchmark_jpeg()))
+            staging.write_bytes(benchmark_jpeg())
             staging.rename(default)
         return default.read_bytes()
     data = Path(path).read_bytes()
@@ -66,6 +63,6 @@ def load_payload(path: str | Path | None = None) -> bytes:
         body = json.loads(data)
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise ValueError(f'{path}: expected a JSON object {{"image": "<base64>"}}')
-        return data
+        data = base64.b64decode(body["image"], validate=True)
     Image.open(io.BytesIO(data)).verify()  # fail here, not as 400s under load
-    return payload_for_image(data)
+    return data

@@ -37,6 +37,41 @@ def identifier(service: dict, key: str, short: bool = False) -> str:
     return f"`{found.removeprefix('sha256:')[:12]}`" if short else f"`{found}`"
 
 
+def endpoint_rows(endpoints: list[str], seconds: int | None) -> list[tuple]:
+    """req/s and p99 through each endpoint, and how each compares with base64 JSON."""
+    rows = []
+    for endpoint in endpoints:
+
+        def cell(s, endpoint=endpoint):
+            section = s.get("endpoints", {}).get(endpoint, {})
+            figures = f"{value(section, 'load', 'rps')} / {value(section, 'load', 'p99_ms', 0)}"
+            base = s.get("endpoints", {}).get("json", {}).get("load", {}).get("rps")
+            found = section.get("load", {}).get("rps")
+            return f"{figures} (×{found / base:.2f})" if endpoint != "json" and found and base else figures
+
+        rows.append((f"`{endpoint}` endpoint: req/s / p99 ms" + (" (× json)" if endpoint != "json" else ""), cell))
+    return rows
+
+
+def batching_rows(max_batch_size: int) -> list[tuple]:
+    if max_batch_size <= 1:
+        return []
+
+    def cell(s):
+        batched = s.get("batching", {})
+        found, off = batched.get("load", {}).get("rps"), s.get("load", {}).get("rps")
+        figures = f"{value(batched, 'load', 'rps')} / {value(batched, 'load', 'p99_ms', 0)}"
+        return f"{figures} (×{found / off:.2f})" if found and off else figures
+
+    def memory(s):
+        return value(s.get("batching", {}), "resources", "rss_mb_peak", 0)
+
+    return [
+        (f"batching on (max {max_batch_size}): req/s / p99 ms (× off)", cell),
+        ("batching on: peak memory (MB)", memory),
+    ]
+
+
 def markdown(results: dict, charts: list[str]) -> str:
     setup, services = results["setup"], results["services"]
     settings, host = setup["settings"], setup["host"]
@@ -54,7 +89,8 @@ def markdown(results: dict, charts: list[str]) -> str:
             if settings["request_limit"]
             else f"{settings['duration_s']} s measured."
         ),
-        f"Payload: {setup['payload']['bytes']:,} bytes ({setup['payload']['source']}).",
+        f"Image: {setup['payload']['bytes']:,} bytes ({setup['payload']['source']})"
+        + (f", {setup['payload']['json_bytes']:,} bytes as base64 JSON." if "json_bytes" in setup["payload"] else "."),
         "",
     ]
     failed = {name: s["error"] for name, s in services.items() if s.get("error")}
@@ -72,6 +108,8 @@ def markdown(results: dict, charts: list[str]) -> str:
         ("latency p99 (ms)", lambda s: value(s, "load", "p99_ms")),
         ("latency max (ms)", lambda s: value(s, "load", "max_ms")),
         ("requests / failed", lambda s: f"{value(s, 'load', 'requests')} / {value(s, 'load', 'failures')}"),
+        *endpoint_rows(settings.get("endpoints", []), settings.get("compare_s")),
+        *batching_rows(settings.get("max_batch_size", 1)),
         (
             "server CPU mean / peak (%)",
             lambda s: (
@@ -115,6 +153,14 @@ def markdown(results: dict, charts: list[str]) -> str:
     for key, ratio in results.get("ratios", {}).items():
         lines.append(f"| {key.replace('_', ' ')} | {ratio:.2f} |")
     lines += ["", "Absolute numbers depend on the machine; compare the ratios.", ""]
+    if settings.get("max_batch_size", 1) > 1:
+        lines += [
+            "Batching: each service was restarted with MAX_BATCH_SIZE and measured on the first endpoint. "
+            "On a CPU core ONNX Runtime and torch run a batch at about the cost per image of single images, "
+            "so batching can only add queueing (and, in the bentos, a second process and a hop between them); "
+            "it pays where a batch is cheaper per image than one at a time, as on a GPU.",
+            "",
+        ]
     lines += [f"![{chart}]({chart})" for chart in charts]
     return "\n".join(lines) + "\n"
 

@@ -8,19 +8,21 @@ run goes on with the others.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction, run_locust, startup_times
-from benchmark.payload import load_payload
+from benchmark.payload import load_image
 from harness import REPO, docker
 from harness.launch import (
     LaunchError,
@@ -32,6 +34,7 @@ from harness.launch import (
     service_process,
 )
 from weather import contract
+from weather.endpoints import json_request
 from weather.registry import TORCH_MODEL, Service
 
 READY_TIMEOUT_S = 180
@@ -55,6 +58,10 @@ class Settings:
     request_limit: int | None
     payload: Path | None
     out: Path
+    # The first endpoint is measured as above; the others, and batching, for compare_s each.
+    endpoints: tuple[str, ...] = ("json", "upload", "raw")
+    max_batch_size: int = 8  # batching on, compared with off; 1 skips that comparison
+    compare_s: int = 20
 
     @property
     def service_cpus(self) -> str:
@@ -74,7 +81,15 @@ class Settings:
 
 
 PROFILES = {
-    "quick": {"users": 16, "duration_s": 20, "warmup_s": 5, "startup_runs": 3, "ceiling_s": 8, "request_limit": None},
+    "quick": {
+        "users": 16,
+        "duration_s": 20,
+        "warmup_s": 5,
+        "startup_runs": 3,
+        "ceiling_s": 8,
+        "request_limit": None,
+        "compare_s": 20,
+    },
     "full": {
         "users": 50,
         "duration_s": 3600,
@@ -82,6 +97,7 @@ PROFILES = {
         "startup_runs": 15,
         "ceiling_s": 20,
         "request_limit": 40_000,
+        "compare_s": 120,
     },
 }
 
@@ -94,19 +110,21 @@ def run(settings: Settings) -> dict:
     run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = settings.out / run_id
     out.mkdir(parents=True)
-    payload = load_payload(settings.payload)
-    payload_path = out / "payload.json"
-    payload_path.write_bytes(payload)
-    acceptable = acceptable_labels(payload)
+    image = load_image(settings.payload)
+    image_path = out / "image"
+    image_path.write_bytes(image)
+    payload_path = out / "payload.json"  # the ceilings do the JSON endpoint's work
+    payload_path.write_bytes(json_request(image).body)
+    acceptable = acceptable_labels(image)
     progress(
         f"run {run_id}: {settings.mode} mode, services on CPU {settings.service_cpus}, "
         f"Locust on CPU {settings.locust_cpus}, results in {out}"
     )
 
-    results = {"setup": setup(settings, run_id, payload, acceptable), "services": {}, "ceilings": {}}
+    results = {"setup": setup(settings, run_id, image, acceptable), "services": {}, "ceilings": {}}
     for index, service in enumerate(settings.services, 1):
         progress(f"[{index}/{len(settings.services)}] {service.title}")
-        results["services"][service.name] = measure_service(service, settings, out, payload, payload_path, acceptable)
+        results["services"][service.name] = measure_service(service, settings, out, image, image_path, acceptable)
         write(out, results)
     for service in settings.services:
         if "load" in results["services"][service.name]:  # a ceiling says what serving costs: only for one that served
@@ -122,16 +140,15 @@ def run(settings: Settings) -> dict:
     return results
 
 
-def acceptable_labels(payload: bytes) -> list[str]:
+def acceptable_labels(image: bytes) -> list[str]:
     """Labels a correct service may answer: the reference's top-1, and any within TOP2_MARGIN of it."""
     import bentoml
 
-    from bentos.common import image_bytes
     from bentos.imaging import decode_rgb
     from weather.torch_model import load_model, reference_probabilities
 
     model = load_model(bentoml.models.get(TORCH_MODEL.latest).path_of(TORCH_MODEL.file))
-    probabilities = reference_probabilities(model, [decode_rgb(image_bytes(payload))])[0]
+    probabilities = reference_probabilities(model, [decode_rgb(image)])[0]
     return [
         label
         for label, p in zip(contract.LABELS, probabilities, strict=True)
@@ -139,7 +156,7 @@ def acceptable_labels(payload: bytes) -> list[str]:
     ]
 
 
-def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]) -> dict:
+def setup(settings: Settings, run_id: str, image: bytes, acceptable: list[str]) -> dict:
     from importlib.metadata import version
 
     return {
@@ -173,10 +190,14 @@ def setup(settings: Settings, run_id: str, payload: bytes, acceptable: list[str]
             "request_limit": settings.request_limit,
             "startup_runs": settings.startup_runs,
             "ceiling_s": settings.ceiling_s,
+            "endpoints": list(settings.endpoints),
+            "compare_s": settings.compare_s,
+            "max_batch_size": settings.max_batch_size,
         },
         "payload": {
-            "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
+            "bytes": len(image),
+            "json_bytes": len(json_request(image).body),
+            "sha256": hashlib.sha256(image).hexdigest(),
             "source": str(settings.payload or "generated (benchmark/payload.py)"),
             "acceptable_labels": acceptable,
         },
@@ -215,8 +236,9 @@ def cpu_model() -> str:
 
 
 def measure_service(
-    service: Service, settings: Settings, out: Path, payload: bytes, payload_path: Path, acceptable: list[str]
+    service: Service, settings: Settings, out: Path, image: bytes, image_path: Path, acceptable: list[str]
 ) -> dict:
+    """Load on each endpoint, then with batching on, then cold starts; ``load`` is the first endpoint's."""
     name = service.name
     result: dict = {"title": service.title, "status": "failed", "measured": measured_version(service, settings.mode)}
     if settings.mode == "container":
@@ -227,63 +249,97 @@ def measure_service(
             progress(f"  FAILED: {result['error']}")
             return result
 
-    def make_running() -> Running:
-        cpus, workers, log = settings.service_cpus, settings.cpus_per_service, out / f"{name}.log"
+    def make_running(env: dict[str, str] | None = None, log_name: str = name) -> Running:
+        cpus, workers, log = settings.service_cpus, settings.cpus_per_service, out / f"{log_name}.log"
         if settings.mode == "container":
-            return service_container(service, free_port(), cpuset=cpus, workers=workers, log_path=log)
-        return service_process(service, free_port(), cpus=cpus, workers=workers, log_path=log)
+            return service_container(service, free_port(), cpuset=cpus, workers=workers, log_path=log, env=env)
+        return service_process(service, free_port(), cpus=cpus, workers=workers, log_path=log, env=env)
 
-    try:
-        running = make_running()
-    except LaunchError as failure:
-        result["error"] = str(failure)
-        progress(f"  FAILED: {failure}")
-        return result
-    try:
-        started = running.start()
-        ready_s = running.wait_ready(started, READY_TIMEOUT_S)
-        check_prediction(running.port, payload, acceptable)
-        progress(f"  ready in {ready_s:.2f} s and answering correctly; warm-up {settings.warmup_s} s")
-        run_locust(
-            running.port, settings.users, settings.warmup_s, settings.locust_cpus, payload_path, out / f"{name}_warmup"
-        )
-        progress(
-            f"  load: {settings.users} users for {settings.request_limit or settings.duration_s}"
-            f"{' requests' if settings.request_limit else ' s'}"
-        )
+    def load(running: Running, endpoint: str, seconds: float, prefix: str, limit: int | None = None) -> dict:
         with ResourceSampler(running) as sampler:
-            result["load"] = run_locust(
-                running.port,
-                settings.users,
-                settings.duration_s,
-                settings.locust_cpus,
-                payload_path,
-                out / name,
-                settings.request_limit,
+            figures = run_locust(
+                running.port, settings.users, seconds, settings.locust_cpus, image_path, out / prefix, limit, endpoint
             )
-        result["resources"] = sampler.summary()
-        load = result["load"]
         progress(
-            f"  {load['rps']} req/s, p50 {load.get('p50_ms')} ms, p99 {load.get('p99_ms')} ms, "
-            f"{load['failures']} failures, peak RSS {result['resources'].get('rss_mb_peak')} MB"
+            f"  {endpoint}: {figures['rps']} req/s, p50 {figures.get('p50_ms')} ms, p99 {figures.get('p99_ms')} ms, "
+            f"{figures['failures']} failures, peak RSS {sampler.summary().get('rss_mb_peak')} MB"
         )
+        return {"load": figures, "resources": sampler.summary()}
+
+    traffic = Traffic(settings, image, image_path, acceptable, out)
+    first, *others = settings.endpoints
+    try:
+        with started(make_running(), traffic, settings.endpoints, name) as running:
+            progress(
+                f"  load: {settings.users} users for {settings.request_limit or settings.duration_s}"
+                f"{' requests' if settings.request_limit else ' s'} on {first}, {settings.compare_s} s on "
+                + (", ".join(others) or "no other endpoint")
+            )
+            measured = {first: load(running, first, settings.duration_s, name, settings.request_limit)}
+            for endpoint in others:
+                measured[endpoint] = load(running, endpoint, settings.compare_s, f"{name}_{endpoint}")
+        result.update(measured[first])
+        result["endpoints"] = measured
+        if settings.max_batch_size > 1:
+            batching = {"MAX_BATCH_SIZE": str(settings.max_batch_size)}
+            progress(f"  batching on (MAX_BATCH_SIZE={settings.max_batch_size}): {settings.compare_s} s on {first}")
+            with started(make_running(batching, f"{name}_batching"), traffic, (first,), f"{name}_batching") as running:
+                result["batching"] = {
+                    "max_batch_size": settings.max_batch_size,
+                    **load(running, first, settings.compare_s, f"{name}_batching"),
+                }
     except (LaunchError, ServiceFailed) as failure:
         result["error"] = str(failure)
         progress(f"  FAILED: {failure}")
         return result
-    finally:
-        running.stop()
 
     try:
         progress(f"  start-up: {settings.startup_runs} cold starts")
-        result["startup"] = startup_times(make_running, settings.startup_runs, payload, acceptable, READY_TIMEOUT_S)
+        result["startup"] = startup_times(make_running, settings.startup_runs, image, acceptable, READY_TIMEOUT_S)
         progress(f"  start to /readyz: median {result['startup']['readyz_s_median']:.3f} s")
     except (LaunchError, ServiceFailed) as failure:
         result["error"] = f"start-up: {failure}"
         progress(f"  FAILED: {result['error']}")
         return result
-    result["status"] = "ok" if result["load"]["failures"] == 0 else "failed requests"
+    failures = sum(
+        section["load"]["failures"] for section in [*measured.values(), result.get("batching", {})] if section
+    )
+    result["status"] = "ok" if failures == 0 else "failed requests"
     return result
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What every measurement of one run sends, and to whom it must answer what."""
+
+    settings: Settings
+    image: bytes
+    image_path: Path
+    acceptable: list[str]
+    out: Path
+
+
+@contextlib.contextmanager
+def started(running: Running, traffic: Traffic, endpoints: tuple[str, ...], prefix: str) -> Iterator[Running]:
+    """The service started, answering correctly on every endpoint, warmed up on the first; stopped afterwards."""
+    settings = traffic.settings
+    try:
+        ready_s = running.wait_ready(running.start(), READY_TIMEOUT_S)
+        for endpoint in endpoints:
+            check_prediction(running.port, traffic.image, traffic.acceptable, endpoint)
+        progress(f"  ready in {ready_s:.2f} s and answering correctly; warm-up {settings.warmup_s} s")
+        run_locust(
+            running.port,
+            settings.users,
+            settings.warmup_s,
+            settings.locust_cpus,
+            traffic.image_path,
+            traffic.out / f"{prefix}_warmup",
+            endpoint=endpoints[0],
+        )
+        yield running
+    finally:
+        running.stop()
 
 
 def measure_ceiling(service: Service, settings: Settings, payload_path: Path) -> dict:
@@ -317,6 +373,14 @@ def ratios(results: dict) -> dict:
         found["onnx_vs_torch_rps"] = round(rps("onnx") / rps("torch"), 3)
     if rps("rust") and rps("onnx"):
         found["rust_vs_onnx_rps"] = round(rps("rust") / rps("onnx"), 3)
+    for name, service in results["services"].items():
+        by_endpoint = {key: section["load"]["rps"] for key, section in service.get("endpoints", {}).items()}
+        for endpoint in by_endpoint.keys() - {"json"}:
+            if by_endpoint.get("json"):
+                found[f"{name}_{endpoint}_vs_json_rps"] = round(by_endpoint[endpoint] / by_endpoint["json"], 3)
+        batched = service.get("batching", {}).get("load", {}).get("rps")
+        if batched and rps(name):
+            found[f"{name}_batching_vs_off_rps"] = round(batched / rps(name), 3)
     cpus = results["setup"]["settings"]["cpus_per_service"]
     for name in results["services"]:
         ceiling = results["ceilings"].get(name, {}).get("rps")

@@ -45,6 +45,8 @@ def results(tmp_path_factory):
         request_limit=None,
         payload=None,
         out=out,
+        compare_s=3,
+        max_batch_size=4,
     )
     found = run(settings)
     (run_dir,) = out.iterdir()
@@ -84,6 +86,21 @@ def test_a_working_service_is_measured_consistently(results, name):
     assert 0 < startup["readyz_s_median"] <= startup["first_predict_s_median"]
 
 
+@pytest.mark.parametrize("name", ["onnx", "rust"])
+def test_every_endpoint_and_batching_are_measured(results, name):
+    found = results[0]
+    service = found["services"][name]
+    assert list(service["endpoints"]) == ["json", "upload", "raw"]
+    assert service["endpoints"]["json"]["load"] == service["load"], "the first endpoint is the main measurement"
+    for section in [*service["endpoints"].values(), service["batching"]]:
+        assert section["load"]["rps"] > 0
+        assert section["load"]["failures"] == 0
+        assert section["resources"]["rss_mb_peak"] > 0
+    assert service["batching"]["max_batch_size"] == 4
+    for key in (f"{name}_upload_vs_json_rps", f"{name}_raw_vs_json_rps", f"{name}_batching_vs_off_rps"):
+        assert found["ratios"][key] > 0, key
+
+
 def test_a_service_that_answers_wrongly_is_failed_not_measured(results):
     service = results[0]["services"]["wrong"]
     assert service["status"] == "failed"
@@ -112,6 +129,8 @@ def test_report_and_charts_are_rendered_from_the_results(results):
     assert "## Failures" in report
     assert "wrong answer" in report
     assert f"`{bentoml.models.get(ONNX_MODEL.latest).tag}`" in report, "the report names the model measured"
+    assert "`raw` endpoint: req/s / p99 ms (× json)" in report
+    assert "batching on (max 4)" in report
     for chart in ("throughput.png", "latency.png", "memory.png", "startup.png"):
         assert (run_dir / chart).stat().st_size > 1000
         assert f"]({chart})" in report
