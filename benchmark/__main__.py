@@ -6,16 +6,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmark import plan
 from benchmark.run import PROFILES, Settings, SettingsError, run
 from harness import docker
+from weather.endpoints import ENDPOINTS
 from weather.registry import SERVICES
 
 EPILOG = """\
 profiles:
-  quick   16 users, 5 s warm-up + 20 s measured per service, 3 cold starts, 8 s ceilings (a few minutes)
+  quick   16 users, 5 s warm-up + 20 s measured per service, 20 s per other endpoint and with
+          batching on, 3 cold starts, 8 s ceilings (about 10 minutes)
   full    50 users, 15 s warm-up + 40,000 requests per service (like the original; at most 1 hour each),
-          15 cold starts, 20 s ceilings (54 minutes on 2 cores, most of it the torch service)
+          120 s per other endpoint and with batching on, 15 cold starts, 20 s ceilings
 Explicit options override the profile's values.
+
+Endpoints (--endpoints, docs/contract.md): json sends the image as base64 in JSON, upload as
+multipart/form-data, raw as the body. The first is measured for --duration/--requests; each other
+endpoint, and the first again with adaptive batching on (MAX_BATCH_SIZE=--max-batch-size, a
+restarted service), for --compare-seconds.
 
 Each service runs alone on the same dedicated CPUs (the first N of this process's CPUs) with one
 worker per CPU and one intra-op thread per worker; Locust runs on the remaining CPUs. Results go to
@@ -44,11 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--requests", type=int, help="stop the measured window after this many requests")
     run_parser.add_argument("--startup-runs", type=int, help="cold starts per service")
     run_parser.add_argument("--ceiling-seconds", type=int, help="seconds per in-process ceiling measurement")
-    run_parser.add_argument("--payload", type=Path, help="a JSON payload or a JPEG/PNG image (default: generated)")
+    run_parser.add_argument("--payload", type=Path, help="a JPEG/PNG image or a JSON payload (default: generated)")
+    run_parser.add_argument(
+        "--endpoints",
+        default=",".join(ENDPOINTS),
+        help="comma-separated subset of %(default)s; the first is the main measurement",
+    )
+    run_parser.add_argument("--compare-seconds", type=int, help="measured seconds per other endpoint and for batching")
+    run_parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="batching on, compared with off (default 8; 1 skips it)"
+    )
     run_parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results/)")
 
     report_parser = commands.add_parser("report", help="render report.md and the charts again from results.json")
     report_parser.add_argument("run_dir", type=Path)
+
+    plan_parser = commands.add_parser(
+        "plan",
+        help="replicas, cores and memory for a target request rate and p99, from a run's results.json",
+        description=plan.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_arguments(plan_parser)
 
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -56,11 +81,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(render(args.run_dir))
         return 0
+    if args.command == "plan":
+        return plan.main(args)
 
     services = [name.strip() for name in args.services.split(",") if name.strip()]
     unknown = set(services) - set(SERVICES)
     if unknown:
         parser.error(f"unknown services: {', '.join(sorted(unknown))}")
+    endpoints = tuple(name.strip() for name in args.endpoints.split(",") if name.strip())
+    unknown = set(endpoints) - set(ENDPOINTS)
+    if unknown or not endpoints:
+        parser.error(
+            f"--endpoints: unknown {', '.join(sorted(unknown)) or 'none given'}; known: {', '.join(ENDPOINTS)}"
+        )
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be at least 1")
     profile = PROFILES[args.profile]
     mode = args.mode or ("container" if docker.available() is None else "process")
 
@@ -80,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         request_limit=pick(args.requests, "request_limit"),
         payload=args.payload,
         out=args.out,
+        endpoints=endpoints,
+        max_batch_size=args.max_batch_size,
+        compare_s=pick(args.compare_seconds, "compare_s"),
     )
     try:
         results = run(settings)

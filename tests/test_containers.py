@@ -10,7 +10,10 @@ What a user does, end to end, with a credential in the environment the whole tim
 3. each image is run (``docker run -p PORT:3000``) and the shared contract suite
    (tests/contract, with ``CONTRACT_BASE_URL``) runs against it; the image must run as a
    non-root ``USER``, and the secret must appear nowhere in it: not in its config (env,
-   labels, history) nor in any file of any layer (``docker save``).
+   labels, history) nor in any file of any layer (``docker save``);
+4. each image is run as its Kubernetes pod would run it (deploy/k8s): the pod's user, a
+   read-only root filesystem with tmpfs where the manifests mount an emptyDir, no
+   capabilities, and must still get ready and answer.
 
 Images: ONNX and Rust always. The torch image (5.2 GB: PyPI's torch is the CUDA build)
 takes about 4 minutes to build cold, 1 minute to scan and 20 s to start, and adds nothing
@@ -27,6 +30,8 @@ Skipped only when no Docker engine answers.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -36,9 +41,11 @@ import sys
 import tarfile
 
 import pytest
+from PIL import Image
 
 from harness import REPO, docker
-from harness.launch import Container, free_port
+from harness.kubernetes import arguments, deployment_of, docker_run_options, render
+from harness.launch import Container, free_port, request
 from weather.registry import SERVICES
 
 KEYS = ["onnx", "rust"] + (["torch"] if os.environ.get("CONTAINER_TESTS_TORCH") == "1" else [])
@@ -136,6 +143,26 @@ def test_image_runs_as_non_root_user_and_listens_on_3000(images, key):
         uids = [line.split()[1] for line in processes.splitlines()[1:] if line.strip()]
         assert uids, processes
         assert "0" not in uids, processes
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_image_runs_as_its_kubernetes_pod(images, key):
+    """As deploy/k8s runs it: its user, a read-only root filesystem with tmpfs only where the
+    manifests mount an emptyDir, no capabilities, the manifests' environment and args. It gets
+    ready, answers a prediction, and serves its metrics (a bento's workers write them to files)."""
+    deployment = deployment_of(render("side-by-side"), SERVICES[key])
+    options, args = docker_run_options(deployment), arguments(deployment)
+    assert "--read-only" in options
+    image = io.BytesIO()
+    Image.new("RGB", (320, 240), (90, 140, 200)).save(image, "JPEG")
+    body = json.dumps({"image": base64.b64encode(image.getvalue()).decode()}).encode()
+    with Container(images[key]["ref"], free_port(), options=options, args=args) as container:
+        print(f"{images[key]['ref']} {' '.join(options + args)}: /readyz 200 in {container.ready_s:.1f} s")
+        status, answer = request(container.port, "POST", "/predict", body, {"Content-Type": "application/json"})
+        assert status == 200, f"{status} {answer[:500]!r}\n--- docker logs ---\n{container.logs()}"
+        status, metrics = request(container.port, "GET", "/metrics")
+        assert status == 200, container.logs()
+        assert b"bentoml_service_request_total" in metrics, metrics[:2000]
 
 
 @pytest.mark.parametrize("key", KEYS)
