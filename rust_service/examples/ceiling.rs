@@ -2,18 +2,22 @@
 //! in-process on this thread, without HTTP: JSON parse, base64 decode, image decode,
 //! resize + crop, ONNX Runtime, response JSON. It prints one JSON line,
 //! `{"runtime": "rust", "requests": N, "seconds": S, "rps": R, "mean_ms": M}`.
+//! With BATCH > 1, BATCH requests go through the model at once, as the service does with
+//! MAX_BATCH_SIZE; the line then also holds `"batch": BATCH`, and N counts requests.
 //!
 //! cargo build --release --example ceiling
-//! ORT_DYLIB_PATH=... target/release/examples/ceiling PAYLOAD_JSON SECONDS
+//! ORT_DYLIB_PATH=... target/release/examples/ceiling PAYLOAD_JSON SECONDS [BATCH]
 //!
 //! The model is found as the service finds it (MODEL_PATH, else the store at $BENTOML_HOME).
 
 use std::error::Error;
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use rust_service::body::parse_predict_request;
 use rust_service::config::Config;
-use rust_service::http::{parse_predict_request, Prediction};
+use rust_service::http::Prediction;
 use rust_service::infer::{self, Predictor};
 use rust_service::model::ModelSpec;
 
@@ -25,7 +29,7 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn Error>> {
-    let usage = "usage: ceiling PAYLOAD_JSON SECONDS";
+    let usage = "usage: ceiling PAYLOAD_JSON SECONDS [BATCH]";
     let mut args = std::env::args().skip(1);
     let payload_path = args.next().ok_or(usage)?;
     let seconds: f64 = args
@@ -33,6 +37,10 @@ fn run() -> Result<(), Box<dyn Error>> {
         .ok_or(usage)?
         .parse()
         .map_err(|e| format!("SECONDS: {e}"))?;
+    let batch: NonZeroUsize = args
+        .next()
+        .map_or(Ok(NonZeroUsize::MIN), |s| s.parse())
+        .map_err(|e| format!("BATCH: {e}"))?;
     let payload = std::fs::read(&payload_path).map_err(|e| format!("{payload_path}: {e}"))?;
 
     // The service's own defaults and environment variables, with no command-line flags.
@@ -40,32 +48,42 @@ fn run() -> Result<(), Box<dyn Error>> {
     infer::init_runtime(&config.ort_dylib_path)?;
     let spec = ModelSpec::load(&config.model_dir()?)?;
     let mut predictor = Predictor::new(&spec, &spec.read_onnx()?, 1, config.max_pixels)?;
+    predictor.reserve_batch(batch)?;
 
-    let mut request = || -> Result<usize, Box<dyn Error>> {
-        let image = parse_predict_request(&payload)?;
-        let probabilities = predictor.predict(&image)?;
-        let prediction = Prediction::new(&spec.labels, &probabilities)?;
-        Ok(serde_json::to_vec(&prediction)?.len())
+    // One batch of requests (one request when BATCH is 1); returns the response bytes.
+    let mut requests = || -> Result<usize, Box<dyn Error>> {
+        for slot in 0..batch.get() {
+            let image = parse_predict_request(&payload)?;
+            predictor.prepare(&image, slot)?;
+        }
+        let mut response_bytes = 0;
+        let probabilities = predictor.run(batch.get())?;
+        for row in probabilities.chunks_exact(spec.labels.len()) {
+            let prediction = Prediction::new(&spec.labels, row)?;
+            response_bytes += serde_json::to_vec(&prediction)?.len();
+        }
+        Ok(response_bytes)
     };
     for _ in 0..5 {
-        request()?; // warm-up
+        requests()?; // warm-up
     }
     let budget = Duration::from_secs_f64(seconds);
     let (started, mut count) = (Instant::now(), 0u64);
     while started.elapsed() < budget {
-        request()?;
-        count += 1;
+        requests()?;
+        count += batch.get() as u64;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        serde_json::json!({
-            "runtime": "rust",
-            "requests": count,
-            "seconds": (elapsed * 1000.0).round() / 1000.0,
-            "rps": (count as f64 / elapsed * 100.0).round() / 100.0,
-            "mean_ms": (elapsed * 1e6 / count as f64).round() / 1000.0,
-        })
-    );
+    let mut line = serde_json::json!({
+        "runtime": "rust",
+        "requests": count,
+        "seconds": (elapsed * 1000.0).round() / 1000.0,
+        "rps": (count as f64 / elapsed * 100.0).round() / 100.0,
+        "mean_ms": (elapsed * 1e6 / count as f64).round() / 1000.0,
+    });
+    if batch.get() > 1 {
+        line["batch"] = batch.get().into();
+    }
+    println!("{line}");
     Ok(())
 }

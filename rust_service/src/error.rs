@@ -29,6 +29,32 @@ pub enum AppError {
     ImageNotAString(&'static str),
     #[error("`image` is not valid standard base64")]
     InvalidBase64,
+    /// `found` is the media type sent (parameters left out), None when there is none or it
+    /// does not parse.
+    #[error(
+        "Content-Type is {}; this endpoint takes {expected}",
+        .found.as_deref().unwrap_or("missing or not a media type")
+    )]
+    UnsupportedMediaType {
+        found: Option<String>,
+        expected: &'static str,
+    },
+    #[error("the multipart/form-data Content-Type has no boundary")]
+    MissingBoundary,
+    #[error("request body is not valid multipart/form-data: {0}")]
+    InvalidMultipart(String),
+    #[error("no part named `image`: send the file as `image` (curl -F image=@photo.jpg)")]
+    NoImagePart,
+    #[error("more than one part named `image`")]
+    SeveralImageParts,
+    /// The part's name as sent. The body must hold the image and nothing else.
+    #[error("unexpected part `{0}`: send only the file, in a part named `image`")]
+    UnexpectedPart(String),
+    /// A form field with no filename. Its text is never used, not even as a URL to fetch.
+    #[error(
+        "`image` is a text field, not a file: send the file itself (curl -F image=@photo.jpg)"
+    )]
+    ImagePartNotAFile,
     /// The decoders' own error, whose text is the client's message as it is.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -59,8 +85,15 @@ impl AppError {
             | Self::MissingImage
             | Self::ImageNotAString(_)
             | Self::InvalidBase64
+            | Self::MissingBoundary
+            | Self::InvalidMultipart(_)
+            | Self::NoImagePart
+            | Self::SeveralImageParts
+            | Self::UnexpectedPart(_)
+            | Self::ImagePartNotAFile
             // Every image the decoders refuse is the client's doing.
             | Self::Image(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -186,6 +219,12 @@ mod tests {
             AppError::MissingImage,
             AppError::ImageNotAString("a number"),
             AppError::InvalidBase64,
+            AppError::MissingBoundary,
+            AppError::InvalidMultipart("Multipart stream is incomplete".into()),
+            AppError::NoImagePart,
+            AppError::SeveralImageParts,
+            AppError::UnexpectedPart("note".into()),
+            AppError::ImagePartNotAFile,
             ImageError::NotAnImage.into(),
             ImageError::Corrupt("premature end".into()).into(),
             ImageError::TooManyPixels {
@@ -207,6 +246,13 @@ mod tests {
             (
                 AppError::BodyTooLarge { limit: 16 },
                 StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                AppError::UnsupportedMediaType {
+                    found: None,
+                    expected: "image/png",
+                },
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
             (AppError::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
             (AppError::NotReady, StatusCode::SERVICE_UNAVAILABLE),
@@ -279,6 +325,22 @@ mod tests {
         assert_eq!(
             AppError::BodyTooLarge { limit: 16_777_216 }.to_string(),
             "request body is larger than 16777216 bytes"
+        );
+        assert_eq!(
+            AppError::UnsupportedMediaType {
+                found: Some("application/json".into()),
+                expected: "multipart/form-data",
+            }
+            .to_string(),
+            "Content-Type is application/json; this endpoint takes multipart/form-data"
+        );
+        assert_eq!(
+            AppError::UnsupportedMediaType {
+                found: None,
+                expected: "image/jpeg",
+            }
+            .to_string(),
+            "Content-Type is missing or not a media type; this endpoint takes image/jpeg"
         );
     }
 }

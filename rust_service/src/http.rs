@@ -1,8 +1,7 @@
-//! Routes: POST /predict, GET /livez, /readyz, /metrics. Every error, including a wrong
-//! path or method and an oversized body, is a JSON `{"error": ...}` body.
+//! Routes: POST /predict, /predict/upload, /predict/raw, GET /livez, /readyz, /metrics.
+//! Every error, including a wrong path or method and an oversized body, is a JSON
+//! `{"error": ...}` body.
 
-use std::borrow::Cow;
-use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,18 +10,22 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
-use actix_web::web::{self, BytesMut};
+use actix_web::web;
 use actix_web::{HttpRequest, HttpResponse};
-use futures_util::StreamExt;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::body::{self, BodyKind};
 use crate::error::AppError;
 use crate::infer::Inferencer;
 use crate::metrics::Metrics;
 
+/// The three ways to send an image: JSON with base64, a multipart upload, the file itself.
 pub const PREDICT: &str = "/predict";
+pub const PREDICT_UPLOAD: &str = "/predict/upload";
+pub const PREDICT_RAW: &str = "/predict/raw";
+/// The routes that answer a prediction; their metrics start at zero.
+pub const PREDICT_ROUTES: [&str; 3] = [PREDICT, PREDICT_UPLOAD, PREDICT_RAW];
 
 pub struct AppState {
     pub inferencer: Inferencer,
@@ -36,6 +39,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource(PREDICT)
             .route(web::post().to(predict))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(PREDICT_UPLOAD)
+            .route(web::post().to(predict_upload))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(PREDICT_RAW)
+            .route(web::post().to(predict_raw))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -103,9 +116,34 @@ async fn predict(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, AppError> {
-    let body = read_body(&req, payload, state.max_body_bytes).await?;
-    let image = parse_predict_request(&body)?;
+    let body = body::read(&req, payload, BodyKind::Json, state.max_body_bytes).await?;
+    let image = body::parse_predict_request(&body)?;
     drop(body);
+    answer(&state, image).await
+}
+
+async fn predict_upload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let body = body::read(&req, payload, BodyKind::Multipart, state.max_body_bytes).await?;
+    let image = body::image_from_multipart(req.headers(), body.freeze()).await?;
+    answer(&state, image).await
+}
+
+async fn predict_raw(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, AppError> {
+    let image = body::read(&req, payload, BodyKind::ImageFile, state.max_body_bytes).await?;
+    answer(&state, image.into()).await
+}
+
+/// Where every predict route ends once it has the image's bytes, so that the same image
+/// gets the same answer whichever way it came.
+async fn answer(state: &AppState, image: Vec<u8>) -> Result<HttpResponse, AppError> {
     let probabilities = state.inferencer.predict(image).await?;
     let prediction = Prediction::new(&state.labels, &probabilities)?;
     Ok(HttpResponse::Ok().json(prediction))
@@ -138,153 +176,6 @@ async fn not_found() -> HttpResponse {
 
 async fn method_not_allowed() -> HttpResponse {
     actix_web::ResponseError::error_response(&AppError::MethodNotAllowed)
-}
-
-/// How much of an oversized body is read and thrown away before answering 413, so that a
-/// client still sending gets the 413 instead of a connection reset. Beyond this the
-/// connection is closed.
-const DRAIN_LIMIT: usize = 256 * 1024 * 1024;
-
-/// Reads the body up to `limit` bytes. Over the limit (declared or actual) the rest is
-/// drained and the answer is 413.
-async fn read_body(
-    req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
-) -> Result<BytesMut, AppError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let too_large = AppError::BodyTooLarge { limit };
-    if declared.is_some_and(|len| len > limit) {
-        // A client waiting for `100 Continue` has not sent the body: answer right away.
-        if !req.headers().contains_key(header::EXPECT) {
-            drain(payload).await;
-        }
-        return Err(too_large);
-    }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(64 * 1024));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|err| AppError::BodyRead(err.to_string()))?;
-        if body.len() + chunk.len() > limit {
-            drain(payload).await;
-            return Err(too_large);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-async fn drain(mut payload: web::Payload) {
-    let mut drained = 0usize;
-    while let Some(Ok(chunk)) = payload.next().await {
-        drained += chunk.len();
-        if drained > DRAIN_LIMIT {
-            break;
-        }
-    }
-}
-
-/// `{"image": "<base64>"}` → the decoded bytes. Other keys are ignored.
-pub fn parse_predict_request(body: &[u8]) -> Result<Vec<u8>, AppError> {
-    let request: PredictRequest<'_> =
-        serde_json::from_slice(body).map_err(|err| match err.classify() {
-            serde_json::error::Category::Data => AppError::NotAnObject,
-            _ => AppError::InvalidJson(err.to_string()),
-        })?;
-    let image = match request.image {
-        ImageField::Missing => return Err(AppError::MissingImage),
-        ImageField::Other(kind) => return Err(AppError::ImageNotAString(kind)),
-        ImageField::Str(image) => image,
-    };
-    base64_simd::STANDARD
-        .decode_to_vec(image.as_bytes())
-        .map_err(|_| AppError::InvalidBase64)
-}
-
-struct PredictRequest<'a> {
-    image: ImageField<'a>,
-}
-
-/// The `image` value as found, so a wrong type gets its own message.
-enum ImageField<'a> {
-    Missing,
-    Str(Cow<'a, str>),
-    Other(&'static str),
-}
-
-impl<'de> Deserialize<'de> for PredictRequest<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor;
-        impl<'de> Visitor<'de> for ObjectVisitor {
-            type Value = PredictRequest<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut image = ImageField::Missing;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "image" {
-                        image = map.next_value()?;
-                    } else {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-                Ok(PredictRequest { image })
-            }
-        }
-        deserializer.deserialize_map(ObjectVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for ImageField<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct AnyVisitor;
-        impl<'de> Visitor<'de> for AnyVisitor {
-            type Value = ImageField<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(ImageField::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(ImageField::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(ImageField::Str(Cow::Owned(v)))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("a boolean"))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("a number"))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("a number"))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("a number"))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("null"))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(ImageField::Other("null"))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(ImageField::Other("an array"))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(ImageField::Other("an object"))
-            }
-        }
-        deserializer.deserialize_any(AnyVisitor)
-    }
 }
 
 /// `{"prediction": label, "probability": p, "probabilities": {label: p, ...}}`, labels in
@@ -341,71 +232,230 @@ impl Serialize for Prediction<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::body::test_support::{body as multipart_body, content_type, field, file};
+    use crate::infer::Batching;
+    use actix_web::dev::Payload;
+    use actix_web::http::StatusCode;
+    use actix_web::middleware::from_fn;
+    use actix_web::test::{self, TestRequest};
+    use actix_web::web::Bytes;
+    use actix_web::App;
+    use futures_util::{stream, StreamExt};
 
-    fn parse(body: &str) -> Result<Vec<u8>, AppError> {
-        parse_predict_request(body.as_bytes())
+    const PHOTO: &[u8] = include_bytes!("../tests/fixtures/rgb_420.jpg");
+    const LIMIT: usize = 64 * 1024;
+
+    /// The service as main.rs puts it together, on a model that needs no ONNX Runtime.
+    fn state() -> web::Data<AppState> {
+        web::Data::new(AppState {
+            inferencer: Inferencer::fake(Batching::OFF),
+            labels: ["red", "green", "blue"].map(String::from).into(),
+            metrics: Arc::new(Metrics::new("test", "v1", &PREDICT_ROUTES)),
+            ready: Arc::new(AtomicBool::new(true)),
+            max_body_bytes: LIMIT,
+        })
     }
 
-    #[test]
-    fn parses_base64_image() {
-        assert_eq!(parse(r#"{"image": "aGVsbG8="}"#).expect("valid"), b"hello");
-        // Escaped slashes are valid JSON and still base64.
-        assert_eq!(
-            parse(r#"{"image": "\/w==", "other": [1, {"a": null}]}"#).expect("valid"),
-            [0xFF]
-        );
+    /// Sends `req` (with `streamed` as its body instead, if given: no Content-Length).
+    async fn call_with(
+        state: &web::Data<AppState>,
+        req: TestRequest,
+        streamed: Option<Payload>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = req.to_request();
+        if let Some(payload) = streamed {
+            *req.payload() = payload;
+        }
+        let app = test::init_service(
+            App::new()
+                .app_data(state.clone())
+                .wrap(from_fn(track))
+                .configure(configure),
+        )
+        .await;
+        let response = test::call_service(&app, req).await;
+        let status = response.status();
+        let body = test::read_body(response).await;
+        let json = serde_json::from_slice(&body)
+            .unwrap_or_else(|err| panic!("{status}: body is not JSON ({err}): {body:?}"));
+        (status, json)
     }
 
-    #[test]
-    fn request_errors_are_specific() {
-        assert!(matches!(parse("{"), Err(AppError::InvalidJson(_))));
-        assert!(matches!(parse("not json"), Err(AppError::InvalidJson(_))));
-        assert!(matches!(
-            parse(r#"{"image": "aGVsbG8="} x"#),
-            Err(AppError::InvalidJson(_))
-        ));
-        assert!(matches!(parse(""), Err(AppError::InvalidJson(_))));
-        assert!(matches!(
-            parse(r#"["aGVsbG8="]"#),
-            Err(AppError::NotAnObject)
-        ));
-        assert!(matches!(parse(r#""aGVsbG8=""#), Err(AppError::NotAnObject)));
-        assert!(matches!(parse("42"), Err(AppError::NotAnObject)));
-        assert!(matches!(parse("{}"), Err(AppError::MissingImage)));
-        assert!(matches!(
-            parse(r#"{"img": "aGVsbG8="}"#),
-            Err(AppError::MissingImage)
-        ));
-        assert!(matches!(
-            parse(r#"{"image": 5}"#),
-            Err(AppError::ImageNotAString("a number"))
-        ));
-        assert!(matches!(
-            parse(r#"{"image": null}"#),
-            Err(AppError::ImageNotAString("null"))
-        ));
-        assert!(matches!(
-            parse(r#"{"image": ["a"]}"#),
-            Err(AppError::ImageNotAString("an array"))
-        ));
-        assert!(matches!(
-            parse(r#"{"image": {"b": 1}}"#),
-            Err(AppError::ImageNotAString("an object"))
-        ));
-        assert!(matches!(
-            parse(r#"{"image": true}"#),
-            Err(AppError::ImageNotAString("a boolean"))
-        ));
-        // Not standard base64: bad characters, URL-safe alphabet, missing padding, spaces.
-        for bad in ["not base64!", "-_-_", "aGVsbG8", "aGVs bG8=", "aGVsbG8=\n"] {
-            let body = serde_json::json!({ "image": bad }).to_string();
-            assert!(
-                matches!(
-                    parse_predict_request(body.as_bytes()),
-                    Err(AppError::InvalidBase64)
+    async fn call(req: TestRequest) -> (StatusCode, serde_json::Value) {
+        call_with(&state(), req, None).await
+    }
+
+    fn upload(content_type: &str, body: Vec<u8>) -> TestRequest {
+        TestRequest::post()
+            .uri(PREDICT_UPLOAD)
+            .insert_header((header::CONTENT_TYPE, content_type))
+            .set_payload(body)
+    }
+
+    fn raw(content_type: Option<&str>, body: &[u8]) -> TestRequest {
+        let req = TestRequest::post()
+            .uri(PREDICT_RAW)
+            .set_payload(body.to_vec());
+        match content_type {
+            Some(value) => req.insert_header((header::CONTENT_TYPE, value)),
+            None => req,
+        }
+    }
+
+    fn error_of(json: &serde_json::Value) -> &str {
+        json["error"].as_str().expect("an error body")
+    }
+
+    #[actix_web::test]
+    async fn every_route_answers_the_same_for_the_same_image() {
+        let json = serde_json::json!({ "image": base64_simd::STANDARD.encode_to_string(PHOTO) });
+        let (status, expected) = call(
+            TestRequest::post()
+                .uri(PREDICT)
+                .set_payload(json.to_string()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{expected}");
+        assert!(expected["prediction"].is_string());
+
+        let form = multipart_body(&[file("image", PHOTO)]);
+        let requests = [
+            upload(&content_type(), form),
+            raw(Some("image/jpeg"), PHOTO),
+            // The bytes decide the format, not the declared type.
+            raw(Some("image/png"), PHOTO),
+            raw(Some("Application/Octet-Stream; charset=binary"), PHOTO),
+        ];
+        for req in requests {
+            assert_eq!(call(req).await, (StatusCode::OK, expected.clone()));
+        }
+    }
+
+    #[actix_web::test]
+    async fn upload_errors() {
+        let form = || multipart_body(&[file("image", PHOTO)]);
+        let cases = [
+            (
+                upload("application/json", form()),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                TestRequest::post().uri(PREDICT_UPLOAD).set_payload(form()),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                upload("multipart/form-data", form()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(&content_type(), b"garbage".to_vec()),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(&content_type(), multipart_body(&[file("photo", PHOTO)])),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(
+                    &content_type(),
+                    multipart_body(&[file("image", PHOTO), field("note", b"hi")]),
                 ),
-                "{bad:?}"
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(
+                    &content_type(),
+                    multipart_body(&[file("image", PHOTO), file("image", PHOTO)]),
+                ),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(
+                    &content_type(),
+                    multipart_body(&[field("image", b"https://example.com/photo.jpg")]),
+                ),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(&content_type(), multipart_body(&[file("image", b"")])),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                upload(
+                    &content_type(),
+                    multipart_body(&[file("image", &PHOTO[..600])]),
+                ),
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        for (req, expected) in cases {
+            let (status, json) = call(req).await;
+            assert_eq!(status, expected, "{json}");
+            assert!(!error_of(&json).is_empty());
+        }
+    }
+
+    #[actix_web::test]
+    async fn raw_errors() {
+        for content_type in [
+            None,
+            Some("text/plain"),
+            Some("image/gif"),
+            Some("application/json"),
+        ] {
+            let (status, json) = call(raw(content_type, PHOTO)).await;
+            assert_eq!(
+                status,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "{content_type:?}"
             );
+            assert!(error_of(&json).starts_with("Content-Type is "), "{json}");
+        }
+        let (status, json) = call(raw(Some("image/jpeg"), b"")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error_of(&json), "the image is not a JPEG or PNG");
+    }
+
+    #[actix_web::test]
+    async fn bodies_over_the_limit_get_413_on_every_route() {
+        let big = vec![0u8; LIMIT + 1];
+        let form = multipart_body(&[file("image", &big)]);
+        for req in [upload(&content_type(), form), raw(Some("image/jpeg"), &big)] {
+            let (status, json) = call(req).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{json}");
+        }
+        // Without a declared length: counted as it arrives.
+        for (uri, content_type) in [
+            (PREDICT_UPLOAD, content_type()),
+            (PREDICT_RAW, "image/png".to_string()),
+        ] {
+            let req = TestRequest::post()
+                .uri(uri)
+                .insert_header((header::CONTENT_TYPE, content_type));
+            let chunks = (0..3).map(|_| Ok(Bytes::from(vec![0u8; LIMIT / 2])));
+            let payload = Payload::from(stream::iter(chunks).boxed_local());
+            let (status, json) = call_with(&state(), req, Some(payload)).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {json}");
+        }
+    }
+
+    #[actix_web::test]
+    async fn new_routes_take_only_post_and_are_counted_by_route() {
+        for uri in [PREDICT_UPLOAD, PREDICT_RAW] {
+            let (status, json) = call(TestRequest::get().uri(uri)).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(error_of(&json), "method not allowed");
+        }
+        let state = state();
+        call_with(&state, raw(Some("image/jpeg"), PHOTO), None).await;
+        call_with(&state, raw(None, PHOTO), None).await;
+        let text = state.metrics.render();
+        for expected in [
+            r#"bentoml_service_request_total{endpoint="/predict/raw",http_response_code="200""#,
+            r#"bentoml_service_request_total{endpoint="/predict/raw",http_response_code="415""#,
+            r#"bentoml_service_request_total{endpoint="/predict/upload",http_response_code="200""#,
+        ] {
+            assert!(text.contains(expected), "{expected}\n{text}");
         }
     }
 

@@ -2,12 +2,18 @@
 //! (`Session::run` takes `&mut self`) and do the whole CPU-bound part of a request
 //! (decode, resize, crop, run), fed by one bounded queue with a oneshot reply per job.
 //! A full queue is answered at once with 503 instead of piling up latency.
+//!
+//! Adaptive batching (off unless `Batching::max_size` > 1): a worker that takes a job waits
+//! a little for more ([`gather`]) and runs their images through the model at once. Each
+//! image is still decoded and cropped on its own, so a bad one is answered 400 alone and
+//! never joins the batch; a failed run fails only the requests of its batch.
 
+use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
@@ -27,11 +33,31 @@ pub struct WorkerOptions {
     pub intra_threads: usize,
     pub queue_capacity: usize,
     pub max_pixels: u64,
+    pub batching: Batching,
 }
+
+/// How a worker groups jobs into one run of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// The most jobs in one run; 1 turns batching off.
+    pub max_size: NonZeroUsize,
+    /// How long a worker holding a job waits for more.
+    pub wait: Duration,
+}
+
+impl Batching {
+    /// One job per run, no waiting.
+    pub const OFF: Self = Self {
+        max_size: NonZeroUsize::MIN,
+        wait: Duration::ZERO,
+    };
+}
+
+type Reply = oneshot::Sender<Result<Vec<f32>, AppError>>;
 
 struct Job {
     image: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<f32>, AppError>>,
+    reply: Reply,
 }
 
 /// The handle request handlers use; cheap to clone.
@@ -72,7 +98,7 @@ impl WorkerPool {
 }
 
 /// Starts the workers and returns once every one has built its session and run a
-/// warm-up inference, or with the first error.
+/// warm-up inference (at each batch size it will use), or with the first error.
 pub fn start(
     spec: &ModelSpec,
     options: &WorkerOptions,
@@ -88,11 +114,17 @@ pub fn start(
         let spec = spec.clone();
         let intra_threads = options.intra_threads;
         let max_pixels = options.max_pixels;
+        let batching = options.batching;
         let handle = std::thread::Builder::new()
             .name(format!("infer-{index}"))
             .spawn(move || {
-                let worker = match Predictor::new(&spec, &model_bytes, intra_threads, max_pixels) {
-                    Ok(worker) => worker,
+                let predictor = Predictor::new(&spec, &model_bytes, intra_threads, max_pixels)
+                    .and_then(|mut predictor| {
+                        predictor.reserve_batch(batching.max_size)?;
+                        Ok(predictor)
+                    });
+                let mut predictor = match predictor {
+                    Ok(predictor) => predictor,
                     Err(err) => {
                         let _ = ready.send(Err(err));
                         return;
@@ -101,7 +133,7 @@ pub fn start(
                 drop(model_bytes);
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                worker.serve(&queue);
+                serve(&mut predictor, &queue, batching);
             })
             .map_err(StartupError::SpawnWorker)?;
         handles.push(handle);
@@ -118,7 +150,107 @@ pub fn start(
     Ok((Inferencer { jobs }, WorkerPool { handles }))
 }
 
-/// One session plus the buffers of one request in flight: what a worker thread owns.
+/// Takes the next jobs from `queue` into `batch` (empty on entry): waits as long as it
+/// takes for the first, then until the batch holds `max_size` jobs or `wait` has passed
+/// since the first was taken. Jobs already queued at the deadline still join, up to
+/// `max_size`. With `max_size` 1 this is one blocking `recv`: no clock, no waiting.
+///
+/// Returns false, with `batch` empty, once the queue is closed and drained.
+fn gather<T>(queue: &Receiver<T>, batching: Batching, batch: &mut Vec<T>) -> bool {
+    debug_assert!(batch.is_empty());
+    let Ok(first) = queue.recv() else {
+        return false;
+    };
+    batch.push(first);
+    let max_size = batching.max_size.get();
+    if max_size > 1 {
+        let deadline = Instant::now() + batching.wait;
+        while batch.len() < max_size {
+            match queue.recv_deadline(deadline) {
+                Ok(job) => batch.push(job),
+                Err(_) => break, // the deadline passed, or the queue closed
+            }
+        }
+    }
+    true
+}
+
+/// What a worker runs its batches on: [`Predictor`], or a stand-in in tests.
+trait BatchModel {
+    /// Values per image in the output of [`BatchModel::run`].
+    fn labels(&self) -> usize;
+    /// Decodes, resizes and crops one encoded image into input slot `slot` (0-based).
+    fn prepare(&mut self, encoded: &[u8], slot: usize) -> Result<(), ImageError>;
+    /// Runs the images in slots `0..size`.
+    fn run(&mut self, size: usize) -> Result<(), String>;
+    /// The last run's output: one row of `labels()` probabilities per image.
+    fn probabilities(&self) -> &[f32];
+    /// Drops buffers that a panic may have left in any state.
+    fn reset_buffers(&mut self);
+}
+
+/// A worker's loop, until the queue is closed and drained: gather a batch, prepare each
+/// image (answering the bad ones at once), run the rest together, answer them.
+fn serve<M: BatchModel>(model: &mut M, queue: &Receiver<Job>, batching: Batching) {
+    // Both reused from batch to batch; no allocation per request once they have grown.
+    let mut jobs = Vec::new();
+    let mut prepared: Vec<Reply> = Vec::new(); // in input slot order
+    while gather(queue, batching, &mut jobs) {
+        let started = Instant::now();
+        let gathered = jobs.len();
+        for job in jobs.drain(..) {
+            if job.reply.is_closed() {
+                continue; // the client went away while the job waited
+            }
+            let slot = prepared.len();
+            match catch_unwind(AssertUnwindSafe(|| model.prepare(&job.image, slot))) {
+                Ok(Ok(())) => prepared.push(job.reply),
+                Ok(Err(err)) => {
+                    let _ = job.reply.send(Err(err.into()));
+                }
+                Err(_) => {
+                    // A decoder bug on hostile input must not take the worker down.
+                    model.reset_buffers();
+                    let err = ImageError::Corrupt("the image could not be decoded".into());
+                    let _ = job.reply.send(Err(err.into()));
+                }
+            }
+        }
+        let size = prepared.len();
+        if size == 0 {
+            tracing::debug!(jobs = gathered, "no image to run");
+            continue;
+        }
+        match catch_unwind(AssertUnwindSafe(|| model.run(size))) {
+            Ok(Ok(())) => {
+                let probabilities = model.probabilities().chunks_exact(model.labels());
+                // Were the output short, the replies left in the drain would be dropped:
+                // those requests would get a 500, never hang.
+                for (reply, row) in prepared.drain(..).zip(probabilities) {
+                    let _ = reply.send(Ok(row.to_vec()));
+                }
+            }
+            failed => {
+                let message = match failed {
+                    Ok(Err(message)) => message,
+                    _ => "the model panicked".to_string(),
+                };
+                tracing::error!(batch = size, error = %message, "inference failed");
+                for reply in prepared.drain(..) {
+                    let _ = reply.send(Err(AppError::Inference(message.clone())));
+                }
+            }
+        }
+        tracing::debug!(
+            jobs = gathered,
+            batch = size,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch done"
+        );
+    }
+}
+
+/// One session plus the buffers of the requests in flight: what a worker thread owns.
 /// Usable on its own for in-process measurements (see examples/).
 pub struct Predictor {
     session: Session,
@@ -126,14 +258,19 @@ pub struct Predictor {
     probabilities_name: String,
     num_labels: usize,
     max_pixels: u64,
+    /// Whether the model takes batches of more than one image.
+    dynamic_batch: bool,
     decoded: RgbImage,
     scratch: Scratch,
+    /// Input slots of `INPUT_LEN` bytes, one per image of a batch.
     input: Vec<u8>,
+    /// The last run's probabilities, one row per image.
+    output: Vec<f32>,
 }
 
 impl Predictor {
     /// Builds the session from the ONNX bytes, checks it against the contract and runs
-    /// one warm-up inference.
+    /// one warm-up inference. Room for one image; see [`Predictor::reserve_batch`].
     pub fn new(
         spec: &ModelSpec,
         model_bytes: &[u8],
@@ -148,7 +285,7 @@ impl Predictor {
                 path: spec.onnx_path.clone(),
                 source,
             })?;
-        check_session(&session, spec)?;
+        let dynamic_batch = check_session(&session, spec)?;
         let session_ms = started.elapsed().as_secs_f64() * 1e3;
         let mut worker = Self {
             session,
@@ -156,12 +293,14 @@ impl Predictor {
             probabilities_name: spec.probabilities_name.clone(),
             num_labels: spec.labels.len(),
             max_pixels,
+            dynamic_batch,
             decoded: RgbImage::default(),
             scratch: Scratch::default(),
             input: vec![0; INPUT_LEN],
+            output: Vec::with_capacity(spec.labels.len()),
         };
         // Warm-up: the first run allocates ONNX Runtime's buffers; do it before traffic.
-        let probabilities = worker.run().map_err(StartupError::WarmUp)?;
+        let probabilities = worker.run(1).map_err(StartupError::WarmUp)?;
         let total: f32 = probabilities.iter().sum();
         if (total - 1.0).abs() > 1e-3 {
             return Err(StartupError::NotADistribution {
@@ -177,56 +316,104 @@ impl Predictor {
         Ok(worker)
     }
 
-    fn serve(mut self, queue: &Receiver<Job>) {
-        while let Ok(job) = queue.recv() {
-            if job.reply.is_closed() {
-                continue; // the client went away while the job waited
-            }
-            let started = Instant::now();
-            let result = catch_unwind(AssertUnwindSafe(|| self.predict(&job.image)))
-                .unwrap_or_else(|_| {
-                    // A decoder bug on hostile input must not take the worker down.
-                    self.decoded = RgbImage::default();
-                    Err(ImageError::Corrupt("the image could not be decoded".into()).into())
-                });
-            if self.decoded.pixels.capacity() > KEEP_BUFFER_BYTES {
-                self.decoded = RgbImage::default();
-            }
-            tracing::debug!(
-                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                ok = result.is_ok(),
-                "job done"
-            );
-            let _ = job.reply.send(result);
+    /// Makes room for batches of up to `size` images and runs one, so that neither this
+    /// struct's buffers nor ONNX Runtime's for that shape are allocated while serving.
+    /// Refuses a model whose batch dimension is fixed at 1.
+    pub fn reserve_batch(&mut self, size: NonZeroUsize) -> Result<(), StartupError> {
+        let size = size.get();
+        if size == 1 {
+            return Ok(());
         }
+        if !self.dynamic_batch {
+            return Err(StartupError::TensorMismatch {
+                kind: "input",
+                name: self.input_name.clone(),
+                found: "a fixed batch of 1".into(),
+                expected: format!("a dynamic batch dimension (--max-batch-size is {size})"),
+            });
+        }
+        self.input.resize(size * INPUT_LEN, 0);
+        self.output.reserve(size * self.num_labels);
+        self.run(size).map_err(StartupError::WarmUp)?;
+        Ok(())
     }
 
     /// Encoded JPEG/PNG bytes → probabilities in label order.
     pub fn predict(&mut self, encoded: &[u8]) -> Result<Vec<f32>, AppError> {
-        image::decode_rgb(encoded, self.max_pixels, &mut self.decoded)?;
-        image::resize_and_crop(&self.decoded, &mut self.scratch, &mut self.input);
-        self.run()
+        self.prepare(encoded, 0)?;
+        self.run(1)
+            .map(<[f32]>::to_vec)
             .map_err(|err| AppError::Inference(err.to_string()))
     }
 
-    /// Runs the model on the current input buffer.
-    fn run(&mut self) -> Result<Vec<f32>, ort::Error> {
-        let tensor =
-            TensorRef::from_array_view(([1usize, CROP_SIZE, CROP_SIZE, 3], self.input.as_slice()))?;
+    /// Decodes, resizes and crops one encoded JPEG/PNG into input slot `slot`, growing
+    /// the input if the slot is beyond those reserved.
+    pub fn prepare(&mut self, encoded: &[u8], slot: usize) -> Result<(), ImageError> {
+        let decoded = image::decode_rgb(encoded, self.max_pixels, &mut self.decoded);
+        if decoded.is_ok() {
+            let end = (slot + 1) * INPUT_LEN;
+            if self.input.len() < end {
+                self.input.resize(end, 0);
+            }
+            let out = &mut self.input[end - INPUT_LEN..end];
+            image::resize_and_crop(&self.decoded, &mut self.scratch, out);
+        }
+        if self.decoded.pixels.capacity() > KEEP_BUFFER_BYTES {
+            self.decoded = RgbImage::default();
+        }
+        decoded
+    }
+
+    /// Runs the model on input slots `0..size`: `size` rows of probabilities in label
+    /// order.
+    pub fn run(&mut self, size: usize) -> Result<&[f32], ort::Error> {
+        let input = self
+            .input
+            .get(..size * INPUT_LEN)
+            .filter(|_| size > 0)
+            .ok_or_else(|| ort::Error::new(format!("no room for a batch of {size}")))?;
+        let tensor = TensorRef::from_array_view(([size, CROP_SIZE, CROP_SIZE, 3], input))?;
         let outputs = self
             .session
             .run(ort::inputs![self.input_name.as_str() => tensor])?;
         let (_, probabilities) =
             outputs[self.probabilities_name.as_str()].try_extract_tensor::<f32>()?;
-        if probabilities.len() != self.num_labels {
+        if probabilities.len() != size * self.num_labels {
             return Err(ort::Error::new(format!(
-                "`{}` has {} values, expected {}",
+                "`{}` has {} values for {size} images, expected {} each",
                 self.probabilities_name,
                 probabilities.len(),
                 self.num_labels
             )));
         }
-        Ok(probabilities.to_vec())
+        self.output.clear();
+        self.output.extend_from_slice(probabilities);
+        Ok(&self.output)
+    }
+}
+
+impl BatchModel for Predictor {
+    fn labels(&self) -> usize {
+        self.num_labels
+    }
+
+    fn prepare(&mut self, encoded: &[u8], slot: usize) -> Result<(), ImageError> {
+        Predictor::prepare(self, encoded, slot)
+    }
+
+    fn run(&mut self, size: usize) -> Result<(), String> {
+        Predictor::run(self, size)
+            .map(drop)
+            .map_err(|err| err.to_string())
+    }
+
+    fn probabilities(&self) -> &[f32] {
+        &self.output
+    }
+
+    fn reset_buffers(&mut self) {
+        self.decoded = RgbImage::default();
+        self.scratch = Scratch::default();
     }
 }
 
@@ -241,8 +428,9 @@ fn session_builder(intra_threads: usize) -> Result<SessionBuilder, ort::Error> {
 }
 
 /// The graph must agree with the metadata's contract: a uint8 [N, 224, 224, 3] input and a
-/// float32 [N, labels] probabilities output.
-fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), StartupError> {
+/// float32 [N, labels] probabilities output. Returns whether N is dynamic (batches of more
+/// than one image) rather than fixed at 1.
+fn check_session(session: &Session, spec: &ModelSpec) -> Result<bool, StartupError> {
     let missing = |kind, name: &str| StartupError::MissingTensor {
         kind,
         name: name.to_owned(),
@@ -253,12 +441,14 @@ fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), StartupError
         .find(|i| i.name() == spec.input_name)
         .ok_or_else(|| missing("input", &spec.input_name))?;
     let crop = CROP_SIZE as i64;
-    match input.dtype() {
+    let dynamic_batch = match input.dtype() {
         ValueType::Tensor {
             ty: TensorElementType::Uint8,
             shape,
             ..
-        } if shape.len() == 4 && matches!(shape[0], -1 | 1) && shape[1..] == [crop, crop, 3] => {}
+        } if shape.len() == 4 && matches!(shape[0], -1 | 1) && shape[1..] == [crop, crop, 3] => {
+            shape[0] == -1
+        }
         other => {
             return Err(StartupError::TensorMismatch {
                 kind: "input",
@@ -267,7 +457,7 @@ fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), StartupError
                 expected: format!("uint8 [batch, {crop}, {crop}, 3]"),
             })
         }
-    }
+    };
     let output = session
         .outputs()
         .iter()
@@ -284,7 +474,7 @@ fn check_session(session: &Session, spec: &ModelSpec) -> Result<(), StartupError
             expected: format!("float32 [batch, {labels}]"),
         });
     }
-    Ok(())
+    Ok(dynamic_batch)
 }
 
 /// Loads ONNX Runtime from `dylib` (see `Config::ort_dylib_path`) and makes it the
@@ -297,4 +487,296 @@ pub fn init_runtime(dylib: &Path) -> Result<(), StartupError> {
         })?
         .commit();
     Ok(())
+}
+
+/// A model without ONNX Runtime, for tests of the batching here and of the routes.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Encoded bytes on which [`FakeModel::prepare`] panics, as a decoder bug would.
+    pub const PANICS_DECODER: &[u8] = b"\xFF\xD8\xFF panic";
+
+    #[derive(Debug, Clone, Copy)]
+    pub enum Failure {
+        Error,
+        Panic,
+    }
+
+    /// The real decoding, resizing and cropping; as its three "probabilities", the crop's
+    /// shares of red, green and blue, so each image gets its own answer.
+    #[derive(Default)]
+    pub struct FakeModel {
+        decoded: RgbImage,
+        scratch: Scratch,
+        input: Vec<u8>,
+        output: Vec<f32>,
+        fail_runs_of: Option<(usize, Failure)>,
+        /// How many images it was asked to prepare.
+        pub prepared: usize,
+        /// The size of each run.
+        pub runs: Vec<usize>,
+    }
+
+    impl FakeModel {
+        /// One whose runs of `size` images fail.
+        pub fn failing(size: usize, failure: Failure) -> Self {
+            Self {
+                fail_runs_of: Some((size, failure)),
+                ..Self::default()
+            }
+        }
+    }
+
+    impl BatchModel for FakeModel {
+        fn labels(&self) -> usize {
+            3
+        }
+
+        fn prepare(&mut self, encoded: &[u8], slot: usize) -> Result<(), ImageError> {
+            self.prepared += 1;
+            assert!(encoded != PANICS_DECODER, "decoder bug");
+            image::decode_rgb(encoded, 40_000_000, &mut self.decoded)?;
+            let end = (slot + 1) * INPUT_LEN;
+            if self.input.len() < end {
+                self.input.resize(end, 0);
+            }
+            image::resize_and_crop(
+                &self.decoded,
+                &mut self.scratch,
+                &mut self.input[end - INPUT_LEN..end],
+            );
+            Ok(())
+        }
+
+        fn run(&mut self, size: usize) -> Result<(), String> {
+            self.runs.push(size);
+            match self.fail_runs_of {
+                Some((n, Failure::Error)) if n == size => return Err("no luck".into()),
+                Some((n, Failure::Panic)) if n == size => panic!("the model panicked"),
+                _ => {}
+            }
+            self.output.clear();
+            for slot in self.input[..size * INPUT_LEN].chunks_exact(INPUT_LEN) {
+                let mut sums = [0f64; 3];
+                for pixel in slot.chunks_exact(3) {
+                    for (sum, &value) in sums.iter_mut().zip(pixel) {
+                        *sum += f64::from(value) + 1.0; // + 1: never all zero
+                    }
+                }
+                let total: f64 = sums.iter().sum();
+                self.output.extend(sums.map(|sum| (sum / total) as f32));
+            }
+            Ok(())
+        }
+
+        fn probabilities(&self) -> &[f32] {
+            &self.output
+        }
+
+        fn reset_buffers(&mut self) {
+            self.decoded = RgbImage::default();
+        }
+    }
+
+    impl Inferencer {
+        /// An inferencer whose one worker serves a [`FakeModel`].
+        pub(crate) fn fake(batching: Batching) -> Self {
+            let (jobs, queue) = crossbeam_channel::bounded(64);
+            std::thread::spawn(move || serve(&mut FakeModel::default(), &queue, batching));
+            Self { jobs }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Failure, FakeModel, PANICS_DECODER};
+    use super::*;
+
+    const RGB_420: &[u8] = include_bytes!("../tests/fixtures/rgb_420.jpg");
+    const GRAY: &[u8] = include_bytes!("../tests/fixtures/gray.jpg");
+    const CMYK: &[u8] = include_bytes!("../tests/fixtures/cmyk.jpg");
+
+    fn batching(max_size: usize, wait: Duration) -> Batching {
+        Batching {
+            max_size: NonZeroUsize::new(max_size).expect("max_size > 0"),
+            wait,
+        }
+    }
+
+    fn gather_now<T>(queue: &Receiver<T>, batching: Batching) -> (Vec<T>, Duration) {
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        assert!(gather(queue, batching, &mut batch), "queue closed");
+        (batch, started.elapsed())
+    }
+
+    #[test]
+    fn gather_stops_at_the_batch_size() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..5 {
+            tx.send(i).expect("send");
+        }
+        let (batch, elapsed) = gather_now(&rx, batching(3, Duration::from_secs(10)));
+        assert_eq!(batch, [0, 1, 2]);
+        assert!(elapsed < Duration::from_secs(5), "waited {elapsed:?}");
+        assert_eq!(rx.len(), 2, "the rest stays queued for the next batch");
+    }
+
+    #[test]
+    fn gather_stops_at_the_deadline() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(0).expect("send");
+        let wait = Duration::from_millis(50);
+        let (batch, elapsed) = gather_now(&rx, batching(8, wait));
+        assert_eq!(batch, [0]);
+        assert!(elapsed >= wait, "returned after {elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "waited {elapsed:?}");
+        drop(tx);
+    }
+
+    #[test]
+    fn gather_takes_jobs_that_arrive_while_it_waits() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(0).expect("send");
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(1).expect("send");
+            tx // kept alive, so only the size can end the batch
+        });
+        let (batch, elapsed) = gather_now(&rx, batching(2, Duration::from_secs(30)));
+        assert_eq!(batch, [0, 1]);
+        assert!(elapsed < Duration::from_secs(10), "waited {elapsed:?}");
+        drop(late.join());
+    }
+
+    #[test]
+    fn gather_never_waits_when_the_size_is_1() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(0).expect("send");
+        tx.send(1).expect("send");
+        let (batch, elapsed) = gather_now(&rx, batching(1, Duration::from_secs(30)));
+        assert_eq!(batch, [0]);
+        assert!(elapsed < Duration::from_secs(10), "waited {elapsed:?}");
+        let (batch, _) = gather_now(&rx, Batching::OFF);
+        assert_eq!(batch, [1]);
+    }
+
+    #[test]
+    fn gather_with_no_wait_takes_only_what_is_queued() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(0).expect("send");
+        tx.send(1).expect("send");
+        let (batch, _) = gather_now(&rx, batching(8, Duration::ZERO));
+        assert_eq!(batch, [0, 1]);
+    }
+
+    #[test]
+    fn gather_reports_a_closed_queue() {
+        let (tx, rx) = crossbeam_channel::unbounded::<u8>();
+        drop(tx);
+        let mut batch = Vec::new();
+        assert!(!gather(
+            &rx,
+            batching(8, Duration::from_secs(30)),
+            &mut batch
+        ));
+        assert!(batch.is_empty());
+    }
+
+    type Answer = oneshot::Receiver<Result<Vec<f32>, AppError>>;
+
+    /// Queues `images`, closes the queue and lets `serve` work through it on this thread.
+    fn serve_all(model: &mut FakeModel, batching: Batching, images: &[&[u8]]) -> Vec<Answer> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let answers = images
+            .iter()
+            .map(|image| {
+                let (reply, answer) = oneshot::channel();
+                tx.send(Job {
+                    image: image.to_vec(),
+                    reply,
+                })
+                .expect("send");
+                answer
+            })
+            .collect();
+        drop(tx);
+        serve(model, &rx, batching);
+        answers
+    }
+
+    fn answer(answer: &mut Answer) -> Result<Vec<f32>, AppError> {
+        answer.try_recv().expect("answered")
+    }
+
+    /// Each image's answer on its own, without batching.
+    fn alone(image: &[u8]) -> Vec<f32> {
+        let mut answers = serve_all(&mut FakeModel::default(), Batching::OFF, &[image]);
+        answer(&mut answers[0]).expect("a good image")
+    }
+
+    #[test]
+    fn a_batch_answers_each_request_with_its_own_row() {
+        let mut model = FakeModel::default();
+        let images = [RGB_420, GRAY, CMYK, RGB_420];
+        let mut answers = serve_all(&mut model, batching(8, Duration::ZERO), &images);
+        assert_eq!(model.runs, [4], "one run for the four");
+        for (image, answer_rx) in images.iter().zip(&mut answers) {
+            assert_eq!(answer(answer_rx).expect("a good image"), alone(image));
+        }
+        assert_ne!(alone(RGB_420), alone(GRAY), "the fake tells images apart");
+    }
+
+    #[test]
+    fn a_bad_image_fails_alone() {
+        let mut model = FakeModel::default();
+        let images: [&[u8]; 5] = [RGB_420, b"not an image", GRAY, PANICS_DECODER, CMYK];
+        let mut answers = serve_all(&mut model, batching(8, Duration::ZERO), &images);
+        assert_eq!(model.runs, [3], "the good three ran together");
+        assert_eq!(answer(&mut answers[0]).expect("good"), alone(RGB_420));
+        assert!(matches!(
+            answer(&mut answers[1]),
+            Err(AppError::Image(ImageError::NotAnImage))
+        ));
+        assert_eq!(answer(&mut answers[2]).expect("good"), alone(GRAY));
+        assert!(matches!(
+            answer(&mut answers[3]),
+            Err(AppError::Image(ImageError::Corrupt(_)))
+        ));
+        assert_eq!(answer(&mut answers[4]).expect("good"), alone(CMYK));
+    }
+
+    #[test]
+    fn a_failed_run_fails_only_its_batch() {
+        for failure in [Failure::Error, Failure::Panic] {
+            let mut model = FakeModel::failing(2, failure);
+            let images = [RGB_420, GRAY, CMYK];
+            let mut answers = serve_all(&mut model, batching(2, Duration::ZERO), &images);
+            assert_eq!(model.runs, [2, 1], "{failure:?}");
+            for answer_rx in &mut answers[..2] {
+                let err = answer(answer_rx).expect_err("the failed batch");
+                assert_eq!(err.status(), 500, "{failure:?}: {err}");
+            }
+            assert_eq!(answer(&mut answers[2]).expect("next batch"), alone(CMYK));
+        }
+    }
+
+    #[test]
+    fn abandoned_jobs_are_skipped() {
+        let mut model = FakeModel::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (reply, answer_rx) = oneshot::channel();
+        drop(answer_rx); // the client went away
+        tx.send(Job {
+            image: RGB_420.to_vec(),
+            reply,
+        })
+        .expect("send");
+        drop(tx);
+        serve(&mut model, &rx, batching(8, Duration::ZERO));
+        assert_eq!(model.prepared, 0);
+        assert!(model.runs.is_empty());
+    }
 }

@@ -1,5 +1,6 @@
 //! The weather classifier service: see `main.rs` for how the parts are put together.
 
+pub mod body;
 pub mod config;
 pub mod error;
 pub mod http;

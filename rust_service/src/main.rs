@@ -43,6 +43,7 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
     let runtime_loaded_ms = started.elapsed().as_millis() as u64;
 
     let workers = config.workers();
+    let batching = config.batching();
     let (inferencer, pool) = infer::start(
         &spec,
         &infer::WorkerOptions {
@@ -50,9 +51,11 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
             intra_threads: config.intra_threads.get(),
             queue_capacity: config.queue_capacity,
             max_pixels: config.max_pixels,
+            batching,
         },
     )?;
-    // Warm-up is done (every worker ran the model once) before the port opens.
+    // Warm-up is done (every worker ran the model, at each batch size it will use) before
+    // the port opens.
     let ready = Arc::new(AtomicBool::new(false));
     let state = web::Data::new(http::AppState {
         inferencer,
@@ -60,7 +63,7 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
         metrics: Arc::new(metrics::Metrics::new(
             SERVICE_NAME,
             &spec.version,
-            &[http::PREDICT],
+            &http::PREDICT_ROUTES,
         )),
         ready: Arc::clone(&ready),
         max_body_bytes: config.max_body_bytes,
@@ -90,6 +93,8 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
         labels = spec.labels.len(),
         workers,
         intra_threads = config.intra_threads.get(),
+        max_batch_size = batching.max_size.get(),
+        batch_wait_ms = batching.wait.as_millis() as u64,
         address = %format!("{}:{}", config.host, config.port),
         runtime_loaded_ms,
         startup_ms = started.elapsed().as_millis() as u64,

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .images import small_png
+from .images import PHOTO_CASES, image_bytes, small_png
 
 # Kubernetes' default probe timeout is 1 s; allow for a loaded 2-core test machine.
 PROBE_TIMEOUT_S = 5.0
@@ -19,11 +19,12 @@ REQUEST_LABELS = {"endpoint", "http_response_code", "service_name", "service_ver
 def test_probes_answer_while_the_workers_are_busy(base_url):
     """An orchestrator probing a loaded service must not see it as dead or unready: the probes
     are answered (200, within the probe timeout) while every worker is computing predictions."""
-    body = json.dumps({"image": base64.b64encode(small_png()).decode("ascii")})
+    # Photos, not a tiny image: the Rust service answers 32 tiny ones before a probe is sent.
+    body = json.dumps({"image": base64.b64encode(image_bytes(next(iter(PHOTO_CASES)))).decode("ascii")})
     with httpx.Client(base_url=base_url, timeout=120.0) as load, ThreadPoolExecutor(max_workers=8) as pool:
         predictions = [
             pool.submit(load.post, "/predict", content=body, headers={"Content-Type": "application/json"})
-            for _ in range(32)
+            for _ in range(64)
         ]
         with httpx.Client(base_url=base_url, timeout=PROBE_TIMEOUT_S) as probe:
             probes = []
