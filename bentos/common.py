@@ -173,8 +173,8 @@ class ClassifierAPI:
 
     A service subclasses this, declares its ``model`` (a ``BentoModel``, so the bento
     bundles it) and implements ``load_probabilities``; with ``MAX_BATCH_SIZE`` > 1 it
-    also declares ``batch = bentoml.depends(...)``, a batchable model service (see
-    ``model_service``), and the model runs there, fed one image at a time by each request.
+    also declares ``batch = bentoml.depends(...)`` of its ``ModelAPI`` service, and the
+    model runs there, fed one image at a time by each request.
     """
 
     model: bentoml.Model
@@ -230,12 +230,6 @@ def add_contract_gate(service: bentoml.Service) -> None:
     service.add_asgi_middleware(ContractGate, max_body_bytes=settings.MAX_BODY_BYTES)
 
 
-def warmed_up(pipeline: Pipeline) -> Callable[[np.ndarray], np.ndarray]:
-    """A model service's model, once the whole pipeline around it has run and checked its output."""
-    pipeline.warm_up()
-    return pipeline.probabilities
-
-
 def batch_options() -> dict:
     """``@bentoml.api`` options of a model service's batchable method."""
     return {
@@ -244,3 +238,26 @@ def batch_options() -> dict:
         "max_batch_size": max(settings.MAX_BATCH_SIZE, 2),
         "max_latency_ms": settings.MAX_BATCH_LATENCY_MS,
     }
+
+
+class ModelAPI:
+    """The model alone, batchable: a classifier's dependency when MAX_BATCH_SIZE > 1.
+
+    A service subclasses this, declares its ``model`` and implements ``load_pipeline``;
+    the whole pipeline runs once at start-up (warm-up, output checked against the labels).
+    """
+
+    model: bentoml.Model
+
+    def __init__(self) -> None:
+        pipeline = self.load_pipeline()
+        pipeline.warm_up()
+        self._probabilities = pipeline.probabilities
+
+    def load_pipeline(self) -> Pipeline:
+        raise NotImplementedError
+
+    @bentoml.api(**batch_options())
+    def probabilities(self, crops: np.ndarray) -> np.ndarray:
+        """A batch of 224x224 RGB crops (uint8, NHWC) -> their probabilities in label order."""
+        return self._probabilities(crops)

@@ -50,17 +50,11 @@ def load_pipeline(model: bentoml.Model) -> common.Pipeline:
 
 
 @bentoml.service(**common.service_options())
-class OnnxModel:
-    """The model alone, batchable: the classifier's dependency when MAX_BATCH_SIZE > 1."""
-
+class OnnxModel(common.ModelAPI):
     model = BentoModel(ONNX_MODEL.latest)
 
-    def __init__(self) -> None:
-        self._probabilities = common.warmed_up(load_pipeline(self.model))
-
-    @bentoml.api(**common.batch_options())
-    def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        return self._probabilities(crops)
+    def load_pipeline(self) -> common.Pipeline:
+        return load_pipeline(self.model)
 
 
 @bentoml.service(**common.service_options())

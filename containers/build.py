@@ -65,6 +65,10 @@ from weather.registry import BENTOS, SERVICES, Model, Service
 
 REGISTRY_BASE = "python:3.11-slim"  # BentoML's own base image for distro debian, Python 3.11
 LAYOUT = "v1"  # BENTOML_ENABLE_FEATURES=no_image, see the module docstring
+# A bento's services are fixed when it is built, and a bento serves only those. Built with
+# batching on, it carries the batchable model service too, so MAX_BATCH_SIZE can turn
+# batching on in the container; served without it, that service is simply not started.
+BUILD_ENV = {"MAX_BATCH_SIZE": "2"}
 # The CLI in this interpreter; quiet about the duplicate --quiet option click warns of.
 BENTOML = [sys.executable, "-W", "ignore::UserWarning", "-m", "bentoml"]
 RUST_SCRIPT = REPO / "rust_service" / "build-image.sh"
@@ -154,7 +158,14 @@ def bento_version(config: dict, model: str) -> str:
     digest = hashlib.sha256()
     digest.update(
         json.dumps(
-            {"bentofile": config, "layout": LAYOUT, "bentoml": bentoml.__version__, "model": model}, sort_keys=True
+            {
+                "bentofile": config,
+                "layout": LAYOUT,
+                "bentoml": bentoml.__version__,
+                "model": model,
+                "build_env": BUILD_ENV,
+            },
+            sort_keys=True,
         ).encode()
     )
     for path in included_files(config):
@@ -205,7 +216,7 @@ def build_bento(service: Service, model: str, base_image: str, force: bool) -> t
                 stdout=subprocess.DEVNULL,
             )
         command = [*BENTOML, "build", "-f", str(bentofile), "--version", version, "--output", "tag", str(REPO)]
-        subprocess.run(command, cwd=REPO, env=bentoml_env(), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, cwd=REPO, env={**bentoml_env(), **BUILD_ENV}, check=True, stdout=subprocess.DEVNULL)
     return name, version
 
 

@@ -46,6 +46,7 @@ from PIL import Image
 from harness import REPO, docker
 from harness.kubernetes import arguments, deployment_of, docker_run_options, render
 from harness.launch import Container, free_port, request
+from weather.endpoints import ENDPOINTS
 from weather.registry import SERVICES
 
 KEYS = ["onnx", "rust"] + (["torch"] if os.environ.get("CONTAINER_TESTS_TORCH") == "1" else [])
@@ -163,6 +164,22 @@ def test_image_runs_as_its_kubernetes_pod(images, key):
         status, metrics = request(container.port, "GET", "/metrics")
         assert status == 200, container.logs()
         assert b"bentoml_service_request_total" in metrics, metrics[:2000]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_image_batches_when_asked(images, key):
+    """MAX_BATCH_SIZE turns adaptive batching on in the image as built (a bento must carry the
+    batchable model service from its build), and every endpoint still answers the same."""
+    image = io.BytesIO()
+    Image.new("RGB", (320, 240), (90, 140, 200)).save(image, "JPEG")
+    answers = set()
+    with Container(images[key]["ref"], free_port(), env={"MAX_BATCH_SIZE": "4"}) as container:
+        for endpoint in ENDPOINTS.values():
+            sent = endpoint.request(image.getvalue())
+            status, answer = request(container.port, "POST", endpoint.route, sent.body, dict(sent.headers))
+            assert status == 200, f"{endpoint.name}: {status} {answer[:500]!r}\n--- docker logs ---\n{container.logs()}"
+            answers.add(answer)
+    assert len(answers) == 1, answers
 
 
 @pytest.mark.parametrize("key", KEYS)
