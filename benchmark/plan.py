@@ -180,7 +180,7 @@ def measured(results: dict, name: str, source: str) -> Measured:
             f"{source} has no results for {name} (it has: {', '.join(results.get('services', {})) or 'none'})"
         )
     if found.get("status") != "ok":
-        reason = found.get("error") or found.get("status")
+        reason = (found.get("error") or found.get("status")).splitlines()[0]  # not the log lines that follow
         raise PlanError(f"{source}: {name} failed in this run ({reason}): there is nothing to plan from")
     if not found["load"]["rps"] > 0:
         raise PlanError(f"{source}: {name} served no requests in this run: there is nothing to plan from")
