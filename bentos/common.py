@@ -187,7 +187,9 @@ class ClassifierAPI:
         raise NotImplementedError
 
     def _load_pipeline(self) -> Pipeline:
-        if getattr(self, "batch", None) is not None:
+        # Not self.batch here: resolving the dependency in this thread races BentoML's own
+        # first access on the event loop, and the proxy it sets up may not be the one kept.
+        if settings.BATCHING:
             # The model service warms the model up; its readiness is part of /readyz (BentoML's runner probe).
             return Pipeline.from_metadata(self.model.info.metadata, self._batched, exact_crop=self.exact_crop)
         pipeline = Pipeline.from_metadata(self.model.info.metadata, self.load_probabilities(), self.exact_crop)
