@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from http import HTTPStatus
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import bentoml
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -42,6 +44,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 INTERNAL_ERROR = "internal error, see the server log"
+# How long a request waits for this worker's model to finish loading before it gets 503.
+MODEL_WAIT_SECONDS = 60.0
 RETRY_AFTER_SECONDS = "1"
 
 
@@ -71,7 +75,7 @@ class ContractGate:
             await self.app(scope, receive, _ContractErrors(send))
             return
         try:
-            _check_ready()
+            await _check_ready()
             headers = _headers(scope)
             content_type = check.content_type(headers)
             body = await read_body(headers, receive, self.max_body_bytes)
@@ -84,11 +88,15 @@ class ContractGate:
         await self.app(scope, _replay(body, receive), _ContractErrors(send))
 
 
-def _check_ready() -> None:
-    """503 at once while the model loads (or if it failed): decided before the body is read."""
-    service = bentoml.get_current_service()
-    classifier = getattr(service, "classifier", None)
-    if classifier is not None and not classifier.ready:
+async def _check_ready() -> None:
+    """503 if the model failed to load, or is still loading after MODEL_WAIT_SECONDS; decided
+    before the body is read. The wait is for a worker still loading while another one already
+    answers /readyz (a request may reach either)."""
+    classifier = getattr(bentoml.get_current_service(), "classifier", None)
+    if classifier is None or classifier.ready:
+        return
+    await anyio.to_thread.run_sync(classifier.wait, MODEL_WAIT_SECONDS)
+    if not classifier.ready:
         raise RequestError(classifier.not_ready_reason(), HTTPStatus.SERVICE_UNAVAILABLE)
 
 

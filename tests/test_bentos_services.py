@@ -23,7 +23,7 @@ with warnings.catch_warnings():  # starlette would like httpx2; httpx works
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from bentos import onnx_service, settings
+from bentos import http, onnx_service, settings
 from bentos.onnx_service import OnnxClassifier
 from bentos.torch_service import TorchClassifier
 from harness import REPO
@@ -122,12 +122,13 @@ def gated_load(monkeypatch):
     gate.set()
 
 
-def test_not_ready_until_loaded_and_warm(gated_load):
+def test_not_ready_until_loaded_and_warm(gated_load, monkeypatch):
+    monkeypatch.setattr(http, "MODEL_WAIT_SECONDS", 0.2)
     with TestClient(OnnxClassifier.to_asgi()) as client:
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 503
         for route in (PREDICT_ROUTE, UPLOAD_ROUTE, RAW_ROUTE):
-            # Refused at once, before the body is read: a client retries or goes elsewhere.
+            # Refused before the body is read, once the wait is over: a client retries or goes elsewhere.
             response = client.post(route, content=_body(_photo()))
             assert response.status_code == 503
             assert response.json() == {"error": "the model is still loading"}
@@ -136,6 +137,14 @@ def test_not_ready_until_loaded_and_warm(gated_load):
         gated_load.set()
         _wait_ready(client)
         assert client.post("/predict", content=_body(_photo())).status_code == 200
+
+
+def test_requests_wait_for_a_loading_model(gated_load):
+    # Another worker may already answer /readyz 200 while this one loads: its requests wait.
+    with TestClient(OnnxClassifier.to_asgi()) as client:
+        threading.Timer(0.5, gated_load.set).start()
+        response = client.post("/predict", content=_body(_photo()))
+        assert response.status_code == 200, response.text
 
 
 def test_a_model_that_fails_to_load(monkeypatch):
