@@ -168,23 +168,37 @@ class Classifier:
         return pipeline.predict(image)
 
 
-class ClassifierAPI:
-    """The endpoints of docs/contract.md, shared by both services.
+class Runtime:
+    """A runtime's model and how to load it: what its classifier and its model service share.
 
-    A service subclasses this, declares its ``model`` (a ``BentoModel``, so the bento
-    bundles it) and implements ``load_probabilities``; with ``MAX_BATCH_SIZE`` > 1 it
-    also declares ``batch = bentoml.depends(...)`` of its ``ModelAPI`` service, and the
-    model runs there, fed one image at a time by each request.
+    Each service module subclasses it once: ``model`` (a ``BentoModel``, so the bento
+    bundles it), ``load_probabilities`` and, for the reference path, ``exact_crop``.
     """
 
     model: bentoml.Model
+    # Resize-then-crop bit for bit as torchvision does, or the faster window.
     exact_crop: bool = False
-
-    def __init__(self) -> None:
-        self.classifier = Classifier(self._load_pipeline)
 
     def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
         raise NotImplementedError
+
+    def local_pipeline(self) -> Pipeline:
+        """The model in this process, warmed up (its output checked against the labels)."""
+        pipeline = Pipeline.from_metadata(self.model.info.metadata, self.load_probabilities(), self.exact_crop)
+        pipeline.warm_up()
+        return pipeline
+
+
+class ClassifierAPI(Runtime):
+    """The endpoints of docs/contract.md, shared by both services.
+
+    With ``MAX_BATCH_SIZE`` > 1 a service also declares ``batch = bentoml.depends(...)``
+    of its ``ModelAPI`` service, and the model runs there, fed one image at a time by
+    each request.
+    """
+
+    def __init__(self) -> None:
+        self.classifier = Classifier(self._load_pipeline)
 
     def _load_pipeline(self) -> Pipeline:
         # Not self.batch here: resolving the dependency in this thread races BentoML's own
@@ -192,9 +206,7 @@ class ClassifierAPI:
         if settings.BATCHING:
             # The model service warms the model up; its readiness is part of /readyz (BentoML's runner probe).
             return Pipeline.from_metadata(self.model.info.metadata, self._batched, exact_crop=self.exact_crop)
-        pipeline = Pipeline.from_metadata(self.model.info.metadata, self.load_probabilities(), self.exact_crop)
-        pipeline.warm_up()
-        return pipeline
+        return self.local_pipeline()
 
     def _batched(self, crops: np.ndarray) -> np.ndarray:
         """The model service's batchable method, for one request's crop."""
@@ -242,22 +254,11 @@ def batch_options() -> dict:
     }
 
 
-class ModelAPI:
-    """The model alone, batchable: a classifier's dependency when MAX_BATCH_SIZE > 1.
-
-    A service subclasses this, declares its ``model`` and implements ``load_pipeline``;
-    the whole pipeline runs once at start-up (warm-up, output checked against the labels).
-    """
-
-    model: bentoml.Model
+class ModelAPI(Runtime):
+    """The model alone, batchable: a classifier's dependency when MAX_BATCH_SIZE > 1."""
 
     def __init__(self) -> None:
-        pipeline = self.load_pipeline()
-        pipeline.warm_up()
-        self._probabilities = pipeline.probabilities
-
-    def load_pipeline(self) -> Pipeline:
-        raise NotImplementedError
+        self._probabilities = self.local_pipeline().probabilities
 
     @bentoml.api(**batch_options())
     def probabilities(self, crops: np.ndarray) -> np.ndarray:

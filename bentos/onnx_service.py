@@ -44,27 +44,27 @@ def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarra
     return probabilities
 
 
-def load_pipeline(model: bentoml.Model) -> common.Pipeline:
-    """The whole request pipeline in this process (also the benchmark's ceiling)."""
-    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model))
-
-
-@bentoml.service(**common.service_options())
-class OnnxModel(common.ModelAPI):
+class OnnxRuntime(common.Runtime):
     model = BentoModel(ONNX_MODEL.latest)
-
-    def load_pipeline(self) -> common.Pipeline:
-        return load_pipeline(self.model)
-
-
-@bentoml.service(**common.service_options())
-class OnnxClassifier(common.ClassifierAPI):
-    model = BentoModel(ONNX_MODEL.latest)
-    if settings.BATCHING:
-        batch = bentoml.depends(OnnxModel)
 
     def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
         return load_probabilities(self.model)
+
+
+def load_pipeline(model: bentoml.Model) -> common.Pipeline:
+    """The whole request pipeline in this process (also the benchmark's ceiling)."""
+    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model), OnnxRuntime.exact_crop)
+
+
+@bentoml.service(**common.service_options())
+class OnnxModel(OnnxRuntime, common.ModelAPI):
+    pass
+
+
+@bentoml.service(**common.service_options())
+class OnnxClassifier(OnnxRuntime, common.ClassifierAPI):
+    if settings.BATCHING:
+        batch = bentoml.depends(OnnxModel)
 
 
 common.add_contract_gate(OnnxClassifier)

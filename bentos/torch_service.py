@@ -49,28 +49,28 @@ def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarra
     return probabilities
 
 
-def load_pipeline(model: bentoml.Model) -> common.Pipeline:
-    """The whole request pipeline in this process (also the benchmark's ceiling)."""
-    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model), exact_crop=True)
-
-
-@bentoml.service(**common.service_options())
-class TorchModel(common.ModelAPI):
+class TorchRuntime(common.Runtime):
     model = BentoModel(TORCH_MODEL.latest)
-
-    def load_pipeline(self) -> common.Pipeline:
-        return load_pipeline(self.model)
-
-
-@bentoml.service(**common.service_options())
-class TorchClassifier(common.ClassifierAPI):
-    model = BentoModel(TORCH_MODEL.latest)
-    exact_crop = True
-    if settings.BATCHING:
-        batch = bentoml.depends(TorchModel)
+    exact_crop = True  # the reference pipeline: torchvision's resize, then its crop
 
     def load_probabilities(self) -> Callable[[np.ndarray], np.ndarray]:
         return load_probabilities(self.model)
+
+
+def load_pipeline(model: bentoml.Model) -> common.Pipeline:
+    """The whole request pipeline in this process (also the benchmark's ceiling)."""
+    return common.Pipeline.from_metadata(model.info.metadata, load_probabilities(model), TorchRuntime.exact_crop)
+
+
+@bentoml.service(**common.service_options())
+class TorchModel(TorchRuntime, common.ModelAPI):
+    pass
+
+
+@bentoml.service(**common.service_options())
+class TorchClassifier(TorchRuntime, common.ClassifierAPI):
+    if settings.BATCHING:
+        batch = bentoml.depends(TorchModel)
 
 
 common.add_contract_gate(TorchClassifier)
