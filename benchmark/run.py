@@ -80,6 +80,17 @@ class Settings:
         return available
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What every measurement of one run sends, and to whom it must answer what."""
+
+    settings: Settings
+    image: bytes
+    image_path: Path
+    acceptable: list[str]
+    out: Path
+
+
 PROFILES = {
     "quick": {
         "users": 16,
@@ -121,10 +132,11 @@ def run(settings: Settings) -> dict:
         f"Locust on CPU {settings.locust_cpus}, results in {out}"
     )
 
+    traffic = Traffic(settings, image, image_path, acceptable, out)
     results = {"setup": setup(settings, run_id, image, acceptable), "services": {}, "ceilings": {}}
     for index, service in enumerate(settings.services, 1):
         progress(f"[{index}/{len(settings.services)}] {service.title}")
-        results["services"][service.name] = measure_service(service, settings, out, image, image_path, acceptable)
+        results["services"][service.name] = measure_service(service, traffic)
         write(out, results)
     for service in settings.services:
         if "load" in results["services"][service.name]:  # a ceiling says what serving costs: only for one that served
@@ -235,11 +247,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def measure_service(
-    service: Service, settings: Settings, out: Path, image: bytes, image_path: Path, acceptable: list[str]
-) -> dict:
+def measure_service(service: Service, traffic: Traffic) -> dict:
     """Load on each endpoint, then with batching on, then cold starts; ``load`` is the first endpoint's."""
-    name = service.name
+    settings, out, name = traffic.settings, traffic.out, service.name
     result: dict = {"title": service.title, "status": "failed", "measured": measured_version(service, settings.mode)}
     if settings.mode == "container":
         size = docker.size_mb(f"{service.image}:latest")
@@ -258,15 +268,22 @@ def measure_service(
     def load(running: Running, endpoint: str, seconds: float, prefix: str, limit: int | None = None) -> dict:
         with ResourceSampler(running) as sampler:
             figures = run_locust(
-                running.port, settings.users, seconds, settings.locust_cpus, image_path, out / prefix, limit, endpoint
+                running.port,
+                settings.users,
+                seconds,
+                settings.locust_cpus,
+                traffic.image_path,
+                out / prefix,
+                limit,
+                endpoint,
             )
+        resources = sampler.summary()
         progress(
             f"  {endpoint}: {figures['rps']} req/s, p50 {figures.get('p50_ms')} ms, p99 {figures.get('p99_ms')} ms, "
-            f"{figures['failures']} failures, peak RSS {sampler.summary().get('rss_mb_peak')} MB"
+            f"{figures['failures']} failures, peak RSS {resources.get('rss_mb_peak')} MB"
         )
-        return {"load": figures, "resources": sampler.summary()}
+        return {"load": figures, "resources": resources}
 
-    traffic = Traffic(settings, image, image_path, acceptable, out)
     first, *others = settings.endpoints
     try:
         with started(make_running(), traffic, settings.endpoints, name) as running:
@@ -295,7 +312,9 @@ def measure_service(
 
     try:
         progress(f"  start-up: {settings.startup_runs} cold starts")
-        result["startup"] = startup_times(make_running, settings.startup_runs, image, acceptable, READY_TIMEOUT_S)
+        result["startup"] = startup_times(
+            make_running, settings.startup_runs, traffic.image, traffic.acceptable, READY_TIMEOUT_S
+        )
         progress(f"  start to /readyz: median {result['startup']['readyz_s_median']:.3f} s")
     except (LaunchError, ServiceFailed) as failure:
         result["error"] = f"start-up: {failure}"
@@ -306,17 +325,6 @@ def measure_service(
     )
     result["status"] = "ok" if failures == 0 else "failed requests"
     return result
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """What every measurement of one run sends, and to whom it must answer what."""
-
-    settings: Settings
-    image: bytes
-    image_path: Path
-    acceptable: list[str]
-    out: Path
 
 
 @contextlib.contextmanager
