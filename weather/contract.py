@@ -129,6 +129,27 @@ def prepare_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(cropped, dtype=np.uint8)
 
 
+# Admission control and slow clients (docs/contract.md, "Under load, slow clients, shutdown").
+# Per inference worker (a bento worker process; a Rust inference thread): at most
+# QUEUE_CAPACITY predict requests held at once (body being read, waiting, or running). One
+# more gets 503 as soon as its headers arrive, its body discarded unparsed.
+QUEUE_CAPACITY = 64
+# A request whose body is in but which has not started running this long after gets 503.
+REQUEST_TIMEOUT_SECONDS = 2
+# Every 503 for load or readiness says when to come back.
+RETRY_AFTER_SECONDS = 1
+# A request's headers must arrive within this of the connection opening or the previous
+# response on it; its body within BODY_TIMEOUT_SECONDS of its headers. Otherwise 408.
+HEADER_TIMEOUT_SECONDS = 5
+BODY_TIMEOUT_SECONDS = 30
+# Bodies still arriving hold at most this much memory per worker; a request whose declared
+# length would exceed it gets 503 at its headers, one that outgrows it (chunked) 503 then.
+MAX_PENDING_BODY_BYTES = 64 * 1024 * 1024
+# After refusing a body (413, or a 503 at the headers), the server reads and discards up to
+# this much more of it before closing, so a client that writes its whole body before
+# reading (Python's urllib, requests) still reads the answer.
+DISCARD_BODY_BYTES = 64 * 1024 * 1024
+
 # How long a service may take to stop after SIGTERM: it stops accepting, then finishes the
 # requests in flight for at most this long. The Rust service's actix-web shutdown_timeout
 # (rust_service/src/main.rs) and the bentos' `--timeout-graceful-shutdown` (deploy/k8s) are
