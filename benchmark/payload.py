@@ -3,7 +3,10 @@
 The original sent one 1200x727 baseline JPEG at quality 75 (~232 KB, ~310 KB as
 base64 JSON). No such photo can be downloaded here, so the default image is made
 deterministically from a real photo that ships in matplotlib's wheel, cropped to
-the same aspect ratio and resized to the same size. Users can pass their own
+the same aspect ratio and resized to the same size. The photos here are small, so
+scaled up they compress far better than a camera's (~100 KB): a fixed film grain
+gives the file the detail, and the size, of the original's (at least
+ORIGINAL_JPEG_BYTES; decoding cost grows with it). Users can pass their own
 JPEG/PNG image, or a JSON payload {"image": "<base64>"}, instead. Each endpoint
 sends it its own way (``weather.endpoints``).
 """
@@ -15,6 +18,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from weather.cache import cache_root
@@ -23,10 +27,15 @@ from weather.photos import photo_paths
 WIDTH, HEIGHT = 1200, 727
 JPEG_QUALITY = 75
 SOURCE_PHOTO = "grace_hopper"
+ORIGINAL_JPEG_BYTES = 232_000
+# Gaussian luminance grain (standard deviation in 8-bit levels) from a fixed seed.
+GRAIN_SIGMA = 15
+GRAIN_SEED = 0
 
 
 def default_image_path() -> Path:
-    return cache_root() / f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}.jpg"
+    name = f"payload-{SOURCE_PHOTO}-{WIDTH}x{HEIGHT}-q{JPEG_QUALITY}-grain{GRAIN_SIGMA}s{GRAIN_SEED}.jpg"
+    return cache_root() / name
 
 
 def benchmark_jpeg() -> bytes:
@@ -43,8 +52,11 @@ def benchmark_jpeg() -> bytes:
         crop_width = round(height * target_ratio)
         left = (width - crop_width) // 2
         photo = photo.crop((left, 0, left + crop_width, height))
+    pixels = np.asarray(photo.resize((WIDTH, HEIGHT), Image.LANCZOS), dtype=np.int16)
+    grain = np.random.default_rng(GRAIN_SEED).normal(0, GRAIN_SIGMA, (HEIGHT, WIDTH, 1)).round()
+    grainy = Image.fromarray((pixels + grain.astype(np.int16)).clip(0, 255).astype(np.uint8))
     buffer = io.BytesIO()
-    photo.resize((WIDTH, HEIGHT), Image.LANCZOS).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    grainy.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return buffer.getvalue()
 
 

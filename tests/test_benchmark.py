@@ -6,11 +6,15 @@ starts, are reported as failed instead of measured.
 
 from __future__ import annotations
 
+import io
 import json
 
 import bentoml
 import pytest
+from PIL import Image
 
+from benchmark import payload
+from benchmark.payload import load_image
 from benchmark.report import render
 from benchmark.run import Settings, run
 from weather.registry import ONNX_MODEL, SERVICES, Service
@@ -134,3 +138,12 @@ def test_report_and_charts_are_rendered_from_the_results(results):
     for chart in ("throughput.png", "latency.png", "memory.png", "startup.png"):
         assert (run_dir / chart).stat().st_size > 1000
         assert f"]({chart})" in report
+
+
+def test_the_default_payload_is_as_large_as_the_originals():
+    """The original project's 1200x727 JPEG was 232 KB; decoding cost grows with the file."""
+    image = load_image()
+    with Image.open(io.BytesIO(image)) as decoded:
+        assert (decoded.format, decoded.size) == ("JPEG", (payload.WIDTH, payload.HEIGHT))
+    assert len(image) >= payload.ORIGINAL_JPEG_BYTES
+    assert image == payload.benchmark_jpeg(), "the generated payload must be the same every time"
