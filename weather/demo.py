@@ -131,7 +131,14 @@ def _build_into(staging: Path, directory: Path) -> DemoModel:
     fields = asdict(demo)
     del fields["directory"]
     (staging / REPORT_FILE).write_text(json.dumps(fields, indent=2))
-    staging.rename(directory)  # atomic: a half-written cache entry is never reused
+    try:
+        staging.rename(directory)  # atomic: a half-written cache entry is never reused
+    except OSError:
+        if not (directory / REPORT_FILE).exists():
+            raise
+        # Another process built the same recipe at the same time and finished first: use its entry.
+        log.info("reusing the demo model another process just built in %s", directory)
+        return DemoModel(directory=directory, **json.loads((directory / REPORT_FILE).read_text()))
     return DemoModel(directory=directory, **fields)
 
 
