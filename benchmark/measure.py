@@ -19,6 +19,7 @@ from harness import REPO
 from harness.launch import Running, request
 from weather import contract
 from weather.endpoints import ENDPOINTS
+from weather.registry import STARTUP_LOG_PREFIX, STARTUP_STEPS
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -173,18 +174,48 @@ def failure_kinds(failures_csv: Path) -> dict[str, int]:
 
 
 def startup_times(make_running, runs: int, image: bytes, acceptable_labels: list[str], timeout_s: float) -> dict:
-    """Cold starts: launch -> first /readyz 200, and launch -> first successful /predict."""
-    ready, first_predict = [], []
+    """Cold starts: launch -> first /readyz 200, and launch -> first successful /predict.
+
+    Where the service logs its start-up steps (the bentos' ``startup {...}`` line), also the
+    median of each step, so the report shows where the time goes."""
+    ready, first_predict, timelines = [], [], []
     for _ in range(runs):
         running: Running = make_running()
         try:
+            launched = time.time()
             started = running.start()
             ready.append(running.wait_ready(started, timeout_s))
             check_prediction(running.port, image, acceptable_labels)
             first_predict.append(time.monotonic() - started)
+            timeline = startup_steps(running.logs(200), launched, ready[-1])
+            if timeline:
+                timelines.append(timeline)
         finally:
             running.stop()
-    return {"runs": runs, **describe("readyz_s", ready), **describe("first_predict_s", first_predict)}
+    found = {"runs": runs, **describe("readyz_s", ready), **describe("first_predict_s", first_predict)}
+    if timelines and len(timelines) == runs:
+        found["steps_s_median"] = {
+            step: round(statistics.median(timeline[step] for timeline in timelines), 4) for step in timelines[0]
+        }
+    return found
+
+
+def startup_steps(log: str, launched: float, readyz_s: float) -> dict[str, float] | None:
+    """How long each start-up step took, from the service's ``startup {...}`` log line:
+    ``serve`` (launch -> the worker process starts: `bentoml serve` itself), then each of
+    the worker's steps, then ``readyz`` (the worker ready -> the first /readyz 200)."""
+    lines = [line for line in log.splitlines() if STARTUP_LOG_PREFIX + "{" in line]
+    if not lines:
+        return None
+    marks = json.loads(lines[-1].split(STARTUP_LOG_PREFIX, 1)[1])
+    steps = {"serve": marks["process_started"] - launched}
+    previous = 0.0
+    for step in STARTUP_STEPS:
+        if step in marks:
+            steps[step] = marks[step] - previous
+            previous = marks[step]
+    steps["readyz"] = readyz_s - steps["serve"] - previous
+    return {step: round(seconds, 4) for step, seconds in steps.items()}
 
 
 def describe(name: str, values: list[float]) -> dict:

@@ -37,6 +37,14 @@ def identifier(service: dict, key: str, short: bool = False) -> str:
     return f"`{found.removeprefix('sha256:')[:12]}`" if short else f"`{found}`"
 
 
+def startup_steps(service: dict) -> str:
+    """Where a bento's start-up goes: `bentoml serve`, then its worker's steps (benchmark.measure.startup_steps)."""
+    steps = service.get("startup", {}).get("steps_s_median")
+    if not steps:
+        return "—"
+    return "<br>".join(f"{step.replace('_', ' ')} {seconds:.2f}" for step, seconds in steps.items())
+
+
 def endpoint_rows(endpoints: list[str], seconds: int | None) -> list[tuple]:
     """req/s and p99 through each endpoint, and how each compares with base64 JSON."""
     rows = []
@@ -126,6 +134,7 @@ def markdown(results: dict, charts: list[str]) -> str:
             lambda s: f"{value(s, 'startup', 'readyz_s_median', 3)} / {value(s, 'startup', 'readyz_s_p95', 3)}",
         ),
         ("start → first /predict median (s)", lambda s: value(s, "startup", "first_predict_s_median", 3)),
+        ("start-up steps, median (s)", startup_steps),
         ("model measured", lambda s: identifier(s, "model_tag")),
         ("model file sha256", lambda s: identifier(s, "model_sha256", short=True)),
         ("image ID", lambda s: identifier(s, "image_id", short=True)),

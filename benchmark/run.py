@@ -93,7 +93,7 @@ class Traffic:
 
 PROFILES = {
     "quick": {
-        "users": 16,
+        "users": 50,
         "duration_s": 20,
         "warmup_s": 5,
         "startup_runs": 3,

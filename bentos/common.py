@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import binascii
 import io
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from pydantic import BaseModel, Field
 from bentos import imaging, settings
 from bentos.http import ContractGate
 from weather import contract
+from weather.registry import STARTUP_LOG_PREFIX, STARTUP_STEPS
 
 log = logging.getLogger("bentoml.weather")
 
@@ -118,11 +121,44 @@ def _warm_up_images() -> list[bytes]:
     return files
 
 
+def process_age() -> float:
+    """Seconds since this process started, from the kernel's own clock (Linux).
+
+    Not psutil's create_time: that adds the boot time, which /proc gives in whole seconds
+    and which drifts from the wall clock on a VM."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class StartupTimeline:
+    """When each start-up step of this process ended, in seconds since the process started.
+
+    Logged once the model is ready (``startup {...}``), so the benchmark can show where a
+    worker's start-up goes: imports, the runtime's import, the model's load, the warm-up.
+    """
+
+    def __init__(self) -> None:
+        self.process_started = time.time() - process_age()  # seconds since the epoch
+        self.steps: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        assert step in STARTUP_STEPS, step
+        self.steps.setdefault(step, round(time.time() - self.process_started, 3))
+
+    def log(self) -> None:
+        log.info("%s%s", STARTUP_LOG_PREFIX, json.dumps({"process_started": self.process_started, **self.steps}))
+
+
+STARTUP = StartupTimeline()
+
+
 class Classifier:
     """A model loaded and warmed up in a background thread, so /livez answers at once and
     /readyz says 503 until the model can serve."""
 
     def __init__(self, load: Callable[[], Pipeline]) -> None:
+        STARTUP.mark("service_created")  # BentoML and the service module imported
         self._pipeline: Pipeline | None = None
         self._failure: str | None = None
         self._done = threading.Event()
@@ -138,6 +174,8 @@ class Classifier:
         else:
             self._pipeline = pipeline
             log.info("ready to serve in %.2f s (model loaded and warmed up)", time.perf_counter() - started)
+            STARTUP.mark("ready")
+            STARTUP.log()
         finally:
             self._done.set()
 
@@ -185,7 +223,9 @@ class Runtime:
     def local_pipeline(self) -> Pipeline:
         """The model in this process, warmed up (its output checked against the labels)."""
         pipeline = Pipeline.from_metadata(self.model.info.metadata, self.load_probabilities(), self.exact_crop)
+        STARTUP.mark("model_loaded")
         pipeline.warm_up()
+        STARTUP.mark("warmed_up")
         return pipeline
 
 

@@ -18,12 +18,15 @@ from bentoml.models import BentoModel
 from bentos import common, settings
 from weather.registry import ONNX_MODEL
 
-with bentoml.importing():
-    import onnxruntime as ort
-
 
 def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
     """An ONNX Runtime session for ``model``: a batch of crops in, probabilities out."""
+    # Imported here, in the worker's loader thread: `bentoml serve` imports this module only
+    # to read the service's configuration.
+    import onnxruntime as ort
+
+    common.STARTUP.mark("runtime_imported")
+
     contract = model.info.metadata["input_contract"]
     if "probabilities" not in contract["outputs"]:
         raise ValueError(f"the model has no 'probabilities' output: {sorted(contract['outputs'])}")

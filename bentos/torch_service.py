@@ -22,15 +22,19 @@ from bentoml.models import BentoModel
 from bentos import common, settings
 from weather.registry import TORCH_MODEL
 
-with bentoml.importing():
+
+def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
+    """The torch model for ``model``: a batch of crops in, probabilities out."""
+    # Imported here, in the worker's loader thread, not at module level: `bentoml serve`
+    # imports this module only to read the service's configuration, and torch with
+    # torchvision takes seconds to import.
     import torch
     import torchvision.transforms.functional as F
 
     from weather.torch_model import load_model
 
+    common.STARTUP.mark("runtime_imported")
 
-def load_probabilities(model: bentoml.Model) -> Callable[[np.ndarray], np.ndarray]:
-    """The torch model for ``model``: a batch of crops in, probabilities out."""
     torch.set_num_threads(settings.INTRA_THREADS)
     # The model runs one operator at a time anyway. Only allowed once, before any parallel
     # work: in a worker this is first; in a process that already ran torch it raises.

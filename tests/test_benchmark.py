@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from benchmark import payload
+from benchmark.measure import startup_steps
 from benchmark.payload import load_image
 from benchmark.report import render
 from benchmark.run import Settings, run
-from weather.registry import ONNX_MODEL, SERVICES, Service
+from weather.registry import ONNX_MODEL, SERVICES, STARTUP_STEPS, Service
 
 
 def bad_service(name: str, behaviour: str) -> Service:
@@ -147,3 +148,17 @@ def test_the_default_payload_is_as_large_as_the_originals():
         assert (decoded.format, decoded.size) == ("JPEG", (payload.WIDTH, payload.HEIGHT))
     assert len(image) >= payload.ORIGINAL_JPEG_BYTES
     assert image == payload.benchmark_jpeg(), "the generated payload must be the same every time"
+
+
+def test_a_bentos_start_up_is_broken_down_into_its_steps(results):
+    steps = results[0]["services"]["onnx"]["startup"]["steps_s_median"]
+    assert list(steps) == ["serve", *STARTUP_STEPS, "readyz"]
+    assert all(seconds >= 0 for seconds in steps.values()), steps
+    assert sum(steps.values()) == pytest.approx(results[0]["services"]["onnx"]["startup"]["readyz_s_median"], abs=0.5)
+
+
+def test_start_up_steps_are_read_from_the_startup_log_line():
+    log = 'INFO [entry_service] startup {"process_started": 100.5, "service_created": 0.75, "ready": 2.0}\n'
+    steps = startup_steps("other line\n" + log, launched=100.0, readyz_s=2.75)
+    assert steps == {"serve": 0.5, "service_created": 0.75, "ready": 1.25, "readyz": 0.25}
+    assert startup_steps("no such line", launched=0.0, readyz_s=1.0) is None

@@ -204,6 +204,41 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in {"torch", "to
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+# What each runtime imports that `bentoml serve` (which imports the service module only to
+# read the service's configuration) must not: seconds of start-up, paid twice otherwise.
+_RUNTIME_MODULES = {"onnx": {"onnxruntime"}, "torch": {"torch", "torchvision"}}
+
+
+@pytest.mark.parametrize("name", sorted(_RUNTIME_MODULES))
+def test_importing_a_service_module_leaves_its_runtime_to_the_worker(name):
+    heavy = sorted(set().union(*_RUNTIME_MODULES.values()))
+    result = _python(
+        f"import sys, bentos.{name}_service;print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_torch_threads_hold_in_the_threads_that_run_requests():
+    """torch.set_num_threads runs in the model's loader thread; requests run in BentoML's
+    worker threads. The setting must be the process's, not the loader thread's."""
+    result = _python(
+        """
+import threading, torch
+from bentos.torch_service import TorchClassifier
+service = TorchClassifier()
+assert service.classifier.wait(300) and service.classifier.ready, "model did not load"
+seen = []
+thread = threading.Thread(target=lambda: seen.append((torch.get_num_threads(), torch.get_num_interop_threads())))
+thread.start(); thread.join()
+print(seen[0])
+""",
+        INTRA_THREADS="2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "(2, 1)"
+
+
 def test_concurrency_defaults():
     result = _python(
         "from bentos import settings; from bentos.onnx_service import OnnxClassifier as S;"

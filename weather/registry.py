@@ -42,6 +42,12 @@ ONNX_MODEL = Model("weather-onnx", "model.onnx", framework="onnx")
 MODELS = (TORCH_MODEL, ONNX_MODEL)
 
 
+# A bento worker logs ``startup {"process_started": <epoch s>, "<step>": <s since then>, ...}``
+# once its model is ready (bentos/common.py); the benchmark reads it to show where start-up goes.
+STARTUP_LOG_PREFIX = "startup "
+STARTUP_STEPS = ("service_created", "runtime_imported", "model_loaded", "warmed_up", "ready")
+
+
 @dataclass(frozen=True)
 class Bento:
     """How a BentoML service is built: its bentofile and its ``module:Class``."""
