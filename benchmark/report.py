@@ -134,6 +134,10 @@ def markdown(results: dict, charts: list[str]) -> str:
             lambda s: f"{value(s, 'startup', 'readyz_s_median', 3)} / {value(s, 'startup', 'readyz_s_p95', 3)}",
         ),
         ("start → first /predict median (s)", lambda s: value(s, "startup", "first_predict_s_median", 3)),
+        (
+            "`docker run` of its image exiting at once, median (s)",
+            lambda s: value(s, "startup", "docker_exit_s_median", 3),
+        ),
         ("start-up steps, median (s)", startup_steps),
         ("model measured", lambda s: identifier(s, "model_tag")),
         ("model file sha256", lambda s: identifier(s, "model_sha256", short=True)),

@@ -15,13 +15,21 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction, run_locust, startup_times
+from benchmark.measure import (
+    ResourceSampler,
+    ServiceFailed,
+    check_prediction,
+    describe,
+    run_locust,
+    startup_times,
+)
 from benchmark.payload import load_image
 from harness import REPO, docker
 from harness.launch import (
@@ -137,11 +145,12 @@ def run(settings: Settings) -> dict:
     for index, service in enumerate(settings.services, 1):
         progress(f"[{index}/{len(settings.services)}] {service.title}")
         results["services"][service.name] = measure_service(service, traffic)
-        write(out, results)
-    for service in settings.services:
-        if "load" in results["services"][service.name]:  # a ceiling says what serving costs: only for one that served
-            progress(f"ceiling: {service.name} in-process on CPU {settings.service_cpus.split(',')[0]}")
+        # Right after the service, on the same CPU, so both saw the same machine; a ceiling says
+        # what serving costs: only for a service that served.
+        if "load" in results["services"][service.name]:
+            progress(f"  ceiling: in-process on CPU {settings.service_cpus.split(',')[0]}")
             results["ceilings"][service.name] = measure_ceiling(service, settings, payload_path)
+        write(out, results)
     results["ratios"] = ratios(results)
     write(out, results)
 
@@ -316,6 +325,13 @@ def measure_service(service: Service, traffic: Traffic) -> dict:
             make_running, settings.startup_runs, traffic.image, traffic.acceptable, READY_TIMEOUT_S
         )
         progress(f"  start to /readyz: median {result['startup']['readyz_s_median']:.3f} s")
+        if settings.mode == "container":
+            result["startup"].update(
+                docker_exit_times(service, f"{service.image}:latest", settings.startup_runs, settings.service_cpus)
+            )
+            progress(
+                f"  docker run of its image, exiting at once: median {result['startup']['docker_exit_s_median']:.3f} s"
+            )
     except (LaunchError, ServiceFailed) as failure:
         result["error"] = f"start-up: {failure}"
         progress(f"  FAILED: {result['error']}")
@@ -348,6 +364,23 @@ def started(running: Running, traffic: Traffic, endpoints: tuple[str, ...], pref
         yield running
     finally:
         running.stop()
+
+
+def docker_exit_times(service: Service, image: str, runs: int, cpuset: str) -> dict:
+    """`docker run --rm` of the service's image with a command that exits at once: Docker's
+    own share of the container's start-up (create, start, stop, remove)."""
+    argv = [
+        "docker", "run", "--rm", "--init", "--cpuset-cpus", cpuset,
+        *resolve(service.exit_at_once, image=image),
+    ]  # fmt: skip
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise LaunchError(f"{' '.join(argv)} failed: {result.stderr.strip()[:300]}")
+        times.append(time.monotonic() - started)
+    return describe("docker_exit_s", times)
 
 
 def measure_ceiling(service: Service, settings: Settings, payload_path: Path) -> dict:

@@ -43,6 +43,7 @@ import tarfile
 import pytest
 from PIL import Image
 
+from benchmark.run import docker_exit_times
 from harness import REPO, docker
 from harness.kubernetes import arguments, deployment_of, docker_run_options, render
 from harness.launch import Container, free_port, request
@@ -195,6 +196,13 @@ def test_image_names_the_model_it_serves(images, environment, key):
 def test_image_size(images, key):
     # The torch image has no limit: PyPI's torch is the CUDA build (its size is printed above).
     assert images[key]["size_mb"] <= SIZE_LIMITS_MB[key]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_image_can_be_run_to_exit_at_once(images, key):
+    """The benchmark times this next to the service's start-up: Docker's own share of it."""
+    times = docker_exit_times(SERVICES[key], images[key]["ref"], runs=1, cpuset="0")
+    assert times["docker_exit_s_median"] > 0
 
 
 def test_onnx_image_has_no_torch(images):
