@@ -16,6 +16,21 @@ variables configures any of the three services:
                      the model then runs in a second, batchable service (docs/contract.md)
     MAX_BATCH_LATENCY_MS  BentoML's max_latency_ms for that service (default 60,000): its
                      dispatcher answers 503 to a request it expects to wait longer
+
+Load, slow clients and shutdown (docs/contract.md, "Under load, slow clients, shutdown");
+each defaults to weather/contract.py's value of the same name, per worker process:
+
+    QUEUE_CAPACITY           predict requests one worker holds at once (body arriving,
+                             waiting or running); one more gets 503 at its headers
+    REQUEST_TIMEOUT_SECONDS  a request whose body is in waits at most this long to start (503)
+    RETRY_AFTER_SECONDS      the Retry-After of every 503
+    HEADER_TIMEOUT_SECONDS   request line and headers must arrive within this (408)
+    BODY_TIMEOUT_SECONDS     the body must arrive within this of the headers (408)
+    MAX_PENDING_BODY_BYTES   bytes of bodies still arriving one worker holds (503 beyond)
+    DISCARD_BODY_BYTES       after refusing a body, this much more is read and discarded
+                             before the connection is closed
+    GRACEFUL_TIMEOUT_SECONDS after SIGTERM, requests in flight get this long to finish
+                             (`bentoml serve --timeout-graceful-shutdown` overrides it)
 """
 
 from __future__ import annotations
@@ -57,3 +72,11 @@ MAX_PIXELS = env_int("MAX_PIXELS", contract.MAX_PIXELS)
 MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 1)
 MAX_BATCH_LATENCY_MS = env_int("MAX_BATCH_LATENCY_MS", 60_000)
 BATCHING = MAX_BATCH_SIZE > 1
+QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", contract.QUEUE_CAPACITY)
+REQUEST_TIMEOUT_SECONDS = env_int("REQUEST_TIMEOUT_SECONDS", contract.REQUEST_TIMEOUT_SECONDS)
+RETRY_AFTER_SECONDS = env_int("RETRY_AFTER_SECONDS", contract.RETRY_AFTER_SECONDS)
+HEADER_TIMEOUT_SECONDS = env_int("HEADER_TIMEOUT_SECONDS", contract.HEADER_TIMEOUT_SECONDS)
+BODY_TIMEOUT_SECONDS = env_int("BODY_TIMEOUT_SECONDS", contract.BODY_TIMEOUT_SECONDS)
+MAX_PENDING_BODY_BYTES = env_int("MAX_PENDING_BODY_BYTES", contract.MAX_PENDING_BODY_BYTES)
+DISCARD_BODY_BYTES = env_int("DISCARD_BODY_BYTES", contract.DISCARD_BODY_BYTES)
+GRACEFUL_TIMEOUT_SECONDS = env_int("GRACEFUL_TIMEOUT_SECONDS", contract.GRACEFUL_TIMEOUT_SECONDS)

@@ -24,6 +24,7 @@ STORE = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
 SHARED_SOURCES = {
     "bentos/common.py",
     "bentos/http.py",
+    "bentos/server.py",
     "bentos/imaging.py",
     "bentos/settings.py",
     "weather/contract.py",
