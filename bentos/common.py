@@ -40,7 +40,11 @@ log = logging.getLogger("bentoml.weather")
 
 def service_options() -> dict:
     """Keyword arguments for ``@bentoml.service``; ``BENTOML_CONFIG_OPTIONS`` still overrides them."""
-    return {"workers": settings.WORKERS, "threads": settings.WORKER_THREADS}
+    return {
+        "workers": settings.WORKERS,
+        "threads": settings.WORKER_THREADS,
+        "logging": {"access": {"enabled": settings.ACCESS_LOG}},
+    }
 
 
 class Prediction(BaseModel):

@@ -16,6 +16,8 @@ variables configures any of the three services:
                      the model then runs in a second, batchable service (docs/contract.md)
     MAX_BATCH_LATENCY_MS  BentoML's max_latency_ms for that service (default 60,000): its
                      dispatcher answers 503 to a request it expects to wait longer
+    ACCESS_LOG       1 writes BentoML's access log line per request (default 0: off; it costs
+                     measurably on one core, and /metrics counts every request and its latency)
 
 Load, slow clients and shutdown (docs/contract.md, "Under load, slow clients, shutdown");
 each defaults to weather/contract.py's value of the same name, per worker process:
@@ -52,6 +54,16 @@ def env_int(name: str, default: int) -> int:
     return int(value)
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """0 or 1 from the environment; unset or empty means ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on, bounded by its cgroup (v2) CPU quota; at least 1."""
     cpus = len(os.sched_getaffinity(0))
@@ -72,6 +84,7 @@ MAX_PIXELS = env_int("MAX_PIXELS", contract.MAX_PIXELS)
 MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 1)
 MAX_BATCH_LATENCY_MS = env_int("MAX_BATCH_LATENCY_MS", 60_000)
 BATCHING = MAX_BATCH_SIZE > 1
+ACCESS_LOG = env_flag("ACCESS_LOG", False)
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", contract.QUEUE_CAPACITY)
 REQUEST_TIMEOUT_SECONDS = env_int("REQUEST_TIMEOUT_SECONDS", contract.REQUEST_TIMEOUT_SECONDS)
 RETRY_AFTER_SECONDS = env_int("RETRY_AFTER_SECONDS", contract.RETRY_AFTER_SECONDS)

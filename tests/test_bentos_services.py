@@ -275,3 +275,13 @@ def test_bad_concurrency_setting_fails_loudly():
     result = _python("import bentos.onnx_service", WORKERS="many")
     assert result.returncode != 0
     assert "WORKERS must be a positive integer" in result.stderr
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("", False), ("0", False), ("1", True)])
+def test_access_log_is_off_unless_asked_for(value, enabled):
+    result = _python(
+        "from bentos.onnx_service import OnnxClassifier as S; print(S.config['logging']['access']['enabled'])",
+        ACCESS_LOG=value,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(enabled)
