@@ -422,8 +422,13 @@ def test_every_image_listens_where_the_harness_expects():
 
 
 def test_rust_shutdown_timeout_is_the_contracts():
-    main = (REPO / "rust_service" / "src" / "main.rs").read_text()
-    assert re.findall(r"\.shutdown_timeout\((\d+)\)", main) == [str(GRACEFUL_TIMEOUT_SECONDS)]
+    # The flag's default (rust_service/src/config.rs) is the contract's, and it is what the
+    # server's one shutdown_timeout is given (rust_service/src/server.rs).
+    config = (REPO / "rust_service" / "src" / "config.rs").read_text()
+    defaults = re.findall(r'env = "GRACEFUL_TIMEOUT_SECONDS", default_value_t = (\d+)\)', config)
+    assert defaults == [str(GRACEFUL_TIMEOUT_SECONDS)]
+    sources = "".join(path.read_text() for path in (REPO / "rust_service" / "src").rglob("*.rs"))
+    assert re.findall(r"\.shutdown_timeout\((.*)\)", sources) == ["options.graceful_timeout.as_secs()"]
 
 
 def test_the_adapter_serves_the_metric_the_autoscaler_asks_for():

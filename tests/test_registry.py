@@ -107,11 +107,29 @@ def test_bentoml_store_layout_is_what_the_rust_service_reads():
     assert ready[0]["model_version"] == model.tag.version
 
 
+# The contract's values the Rust service takes as a flag and an environment variable of the
+# same name (MAX_BODY_BYTES: --max-body-bytes, MAX_BODY_BYTES), defaulting to the contract's.
+RUST_FLAGS = (
+    "MAX_BODY_BYTES",
+    "MAX_PIXELS",
+    "QUEUE_CAPACITY",
+    "REQUEST_TIMEOUT_SECONDS",
+    "RETRY_AFTER_SECONDS",
+    "HEADER_TIMEOUT_SECONDS",
+    "BODY_TIMEOUT_SECONDS",
+    "MAX_PENDING_BODY_BYTES",
+    "DISCARD_BODY_BYTES",
+    "GRACEFUL_TIMEOUT_SECONDS",
+)
+
+
 def test_rust_defaults_are_the_contracts_limits():
     result = subprocess.run([*resolve(SERVICES["rust"].command), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     help_text = " ".join(result.stdout.split())
-    for flag, value in (("max-body-bytes", contract.MAX_BODY_BYTES), ("max-pixels", contract.MAX_PIXELS)):
+    for name in RUST_FLAGS:
+        flag, value = name.lower().replace("_", "-"), getattr(contract, name)
         described = re.search(rf"--{flag} <\w+>(.*?)(?=--|$)", help_text)
         assert described, f"--{flag} is not in --help"
+        assert f"[env: {name}=" in described[1], f"--{flag} should be settable as {name}"
         assert f"[default: {value}]" in described[1], f"--{flag} should default to {value}"

@@ -3,18 +3,21 @@
 //! upload (`/predict/upload`) and the file itself (`/predict/raw`).
 //!
 //! What can be decided from the headers (the `Content-Type`, a declared length over the
-//! limit) is decided before the body is read. Every body is then read whole under one size
-//! limit, the whole multipart body included.
+//! limit) is decided before the body is read ([`check_headers`]). Every body is then read
+//! whole under one size limit and one deadline, the whole multipart body included
+//! ([`read`]); a refused one is read and thrown away ([`discard`]).
 
 use std::borrow::Cow;
 use std::error::Error as _;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use actix_multipart::{Multipart, MultipartError};
+use actix_web::dev::Payload;
+use actix_web::error::PayloadError;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::mime::{self, Mime};
-use actix_web::web::{self, Bytes, BytesMut};
-use actix_web::HttpRequest;
+use actix_web::web::{Bytes, BytesMut};
 use futures_util::{future, stream, StreamExt};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -95,59 +98,107 @@ fn check_image_file(content_type: Option<&str>) -> Result<(), AppError> {
     }
 }
 
-/// How much of a refused body is read and thrown away before answering, so that a client
-/// still sending gets the answer instead of a connection reset. Beyond this the connection
-/// is closed.
-const DRAIN_LIMIT: usize = 256 * 1024 * 1024;
-
-/// Reads the body of a request for an endpoint that takes `kind`, up to `limit` bytes.
-///
-/// A request refused from its headers (the `Content-Type`, or a declared length over the
-/// limit) is answered without buffering its body; so is one whose body turns out to be over
-/// the limit. Such a body is drained first (see [`DRAIN_LIMIT`]).
-pub async fn read(
-    req: &HttpRequest,
-    mut payload: web::Payload,
+/// What the headers alone decide for an endpoint that takes `kind`, before any of the body
+/// is read: 415 or 400 for the `Content-Type`; 400 for a `Content-Length` from 2^63 up
+/// (actix-http refuses one that is not a number below 2^64 itself); 413 for one over
+/// `max_body_bytes`. Returns the declared length, None for a chunked body.
+pub fn check_headers(
+    headers: &HeaderMap,
     kind: BodyKind,
-    limit: usize,
-) -> Result<BytesMut, AppError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    let refused = match kind.check(req.headers()) {
-        Err(err) => Some(err),
-        Ok(()) if declared.is_some_and(|len| len > limit) => Some(AppError::BodyTooLarge { limit }),
-        Ok(()) => None,
+    max_body_bytes: usize,
+) -> Result<Option<usize>, AppError> {
+    kind.check(headers)?;
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(None);
     };
-    if let Some(err) = refused {
-        // A client waiting for `100 Continue` has not sent the body: answer right away.
-        if !req.headers().contains_key(header::EXPECT) {
-            drain(payload).await;
-        }
-        return Err(err);
+    let declared = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&len| len < 1 << 63)
+        .ok_or(AppError::InvalidContentLength)?;
+    match usize::try_from(declared) {
+        Ok(len) if len <= max_body_bytes => Ok(Some(len)),
+        _ => Err(AppError::BodyTooLarge {
+            limit: max_body_bytes,
+        }),
     }
-    let mut body = BytesMut::with_capacity(declared.unwrap_or(64 * 1024));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|err| AppError::BodyRead(err.to_string()))?;
-        if body.len() + chunk.len() > limit {
-            drain(payload).await;
-            return Err(AppError::BodyTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
-async fn drain(mut payload: web::Payload) {
-    let mut drained = 0usize;
-    while let Some(Ok(chunk)) = payload.next().await {
-        drained += chunk.len();
-        if drained > DRAIN_LIMIT {
-            break;
+/// Reads a whole body of at most `max_body_bytes` that must be in `body_timeout` after
+/// `headers_at`.
+///
+/// `declared` is its Content-Length, already checked against the limit and reserved by the
+/// caller; a chunked body (None) is reserved as it arrives: `reserve` is called with the
+/// size of each chunk and refuses it by returning false.
+///
+/// On an error the rest of the body is left in `payload` for the caller to discard (see
+/// [`discard`]), except after [`AppError::BodyTimeout`] (a client that slow is not waited
+/// for any longer) and [`AppError::BodyRead`] (the connection is broken).
+pub async fn read(
+    payload: &mut Payload,
+    declared: Option<usize>,
+    max_body_bytes: usize,
+    (headers_at, body_timeout): (Instant, Duration),
+    mut reserve: impl FnMut(usize) -> bool,
+) -> Result<BytesMut, AppError> {
+    let reading = async {
+        // A declared length is allocated at once (the budget already counts it); a chunked
+        // body grows as it comes.
+        let mut body = BytesMut::with_capacity(declared.unwrap_or(64 * 1024));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|err| AppError::BodyRead(payload_error(err)))?;
+            if body.len() + chunk.len() > max_body_bytes {
+                return Err(AppError::BodyTooLarge {
+                    limit: max_body_bytes,
+                });
+            }
+            if declared.is_none() && !reserve(chunk.len()) {
+                return Err(AppError::TooManyBodiesArriving);
+            }
+            body.extend_from_slice(&chunk);
         }
+        Ok(body)
+    };
+    tokio::time::timeout_at((headers_at + body_timeout).into(), reading)
+        .await
+        .unwrap_or(Err(AppError::BodyTimeout {
+            within: body_timeout,
+        }))
+}
+
+/// What went wrong reading the body, for the client. actix-http reports a malformed
+/// chunked body (a bad chunk size, one over 2^64, a missing CRLF) as the body ending early.
+fn payload_error(err: PayloadError) -> String {
+    match err {
+        PayloadError::Incomplete(None) => {
+            "the body ended early, or its chunked encoding is malformed".into()
+        }
+        other => other.to_string(),
     }
+}
+
+/// Reads and throws away what is left of a refused body, up to `limit` bytes and until
+/// `deadline`, so that a client that writes its whole body before reading its answer does
+/// read it. Nothing is kept. True when the body was read to its end: only then can the
+/// connection serve another request.
+pub async fn discard(payload: &mut Payload, limit: usize, deadline: Instant) -> bool {
+    let draining = async {
+        let mut discarded = 0usize;
+        while let Some(chunk) = payload.next().await {
+            match chunk {
+                Ok(chunk) => discarded = discarded.saturating_add(chunk.len()),
+                Err(_) => return false,
+            }
+            if discarded > limit {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout_at(deadline.into(), draining)
+        .await
+        .unwrap_or(false)
 }
 
 /// The file of a multipart/form-data body read whole (see [`read`]), which must hold one
@@ -592,5 +643,136 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    fn headers_with(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(name.clone(), HeaderValue::from_str(value).expect("value"));
+        }
+        headers
+    }
+
+    #[test]
+    fn headers_decide_the_media_type_and_the_declared_length() {
+        let check = |pairs: &[(header::HeaderName, &str)]| {
+            check_headers(&headers_with(pairs), BodyKind::ImageFile, 1000)
+        };
+        let png = (header::CONTENT_TYPE, "image/png");
+        assert!(
+            matches!(check(std::slice::from_ref(&png)), Ok(None)),
+            "chunked"
+        );
+        assert!(matches!(
+            check(&[png.clone(), (header::CONTENT_LENGTH, "1000")]),
+            Ok(Some(1000))
+        ));
+        assert!(matches!(
+            check(&[png.clone(), (header::CONTENT_LENGTH, "1001")]),
+            Err(AppError::BodyTooLarge { limit: 1000 })
+        ));
+        for invalid in ["9223372036854775808", "18446744073709551615", "-1", "x"] {
+            assert!(
+                matches!(
+                    check(&[png.clone(), (header::CONTENT_LENGTH, invalid)]),
+                    Err(AppError::InvalidContentLength)
+                ),
+                "{invalid}"
+            );
+        }
+        // The media type first: a wrong one is 415 whatever the length.
+        assert!(matches!(
+            check(&[(header::CONTENT_LENGTH, "5000")]),
+            Err(AppError::UnsupportedMediaType { .. })
+        ));
+    }
+
+    fn chunks(sizes: &[usize]) -> Payload {
+        let chunks: Vec<Result<Bytes, actix_web::error::PayloadError>> = sizes
+            .iter()
+            .map(|&size| Ok(Bytes::from(vec![7u8; size])))
+            .collect();
+        Payload::from(stream::iter(chunks).boxed_local())
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    async fn read_all(
+        payload: &mut Payload,
+        declared: Option<usize>,
+        max: usize,
+        reserve: impl FnMut(usize) -> bool,
+    ) -> Result<BytesMut, AppError> {
+        read(payload, declared, max, (Instant::now(), LONG), reserve).await
+    }
+
+    #[actix_web::test]
+    async fn read_reserves_a_chunked_body_as_it_arrives() {
+        let mut reserved = Vec::new();
+        let body = read_all(&mut chunks(&[3, 4, 5]), None, 100, |n| {
+            reserved.push(n);
+            true
+        })
+        .await
+        .expect("fits");
+        assert_eq!(body.len(), 12);
+        assert_eq!(reserved, [3, 4, 5]);
+        // A declared length was reserved at the headers: nothing more.
+        let body = read_all(&mut chunks(&[3, 4]), Some(7), 100, |_| panic!("reserved"))
+            .await
+            .expect("fits");
+        assert_eq!(body.len(), 7);
+    }
+
+    #[actix_web::test]
+    async fn read_stops_at_the_limits_and_leaves_the_rest() {
+        let mut payload = chunks(&[60, 60, 60]);
+        let err = read_all(&mut payload, None, 100, |_| true).await;
+        assert!(matches!(err, Err(AppError::BodyTooLarge { limit: 100 })));
+        assert_eq!(payload.next().await.expect("left").expect("ok").len(), 60);
+
+        let mut payload = chunks(&[60, 60, 60]);
+        let mut budget = 100usize;
+        let err = read_all(&mut payload, None, 1000, |n| {
+            budget.checked_sub(n).map(|left| budget = left).is_some()
+        })
+        .await;
+        assert!(matches!(err, Err(AppError::TooManyBodiesArriving)));
+        assert_eq!(payload.next().await.expect("left").expect("ok").len(), 60);
+    }
+
+    #[actix_web::test]
+    async fn read_times_out_from_the_headers() {
+        let pending =
+            stream::once(async { Ok(Bytes::from_static(b"abc")) }).chain(stream::pending::<
+                Result<Bytes, actix_web::error::PayloadError>,
+            >());
+        let mut payload = Payload::from(pending.boxed_local());
+        let timeout = Duration::from_millis(300);
+        // The headers came 200 ms ago: 100 ms are left.
+        let headers_at = Instant::now() - Duration::from_millis(200);
+        let started = Instant::now();
+        let err = read(&mut payload, None, 100, (headers_at, timeout), |_| true).await;
+        assert!(
+            matches!(err, Err(AppError::BodyTimeout { within }) if within == timeout),
+            "{err:?}"
+        );
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_millis(250), "waited {waited:?}");
+    }
+
+    #[actix_web::test]
+    async fn discard_reads_to_the_end_within_the_limit_and_the_deadline() {
+        let soon = || Instant::now() + Duration::from_secs(60);
+        assert!(discard(&mut chunks(&[100, 100]), 200, soon()).await);
+        assert!(discard(&mut chunks(&[]), 0, soon()).await);
+        assert!(!discard(&mut chunks(&[100, 100, 1]), 200, soon()).await);
+        let pending = stream::pending::<Result<Bytes, actix_web::error::PayloadError>>();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(100);
+        assert!(!discard(&mut Payload::from(pending.boxed_local()), 200, deadline).await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let failing = stream::iter([Err(actix_web::error::PayloadError::Incomplete(None))]);
+        assert!(!discard(&mut Payload::from(failing.boxed_local()), 200, soon()).await);
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::error::StartupError;
+use crate::http::Limits;
 use crate::infer::Batching;
+use crate::server::ServerOptions;
 
 /// Weather classifier inference service: the `weather-onnx` model behind the same HTTP
 /// contract as the BentoML services (POST /predict, /predict/upload, /predict/raw, GET /livez,
@@ -46,10 +48,53 @@ pub struct Config {
     #[arg(long, env = "MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
 
-    /// Requests waiting for a worker at most; when the queue is full, the predict routes
-    /// answer 503.
-    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64)]
-    pub queue_capacity: usize,
+    /// Predict requests held at once per inference worker, counting those whose body is
+    /// still arriving, those waiting and those running. One more is answered 503 as soon as
+    /// its headers arrive; its body is read and discarded, never parsed.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_capacity: u32,
+
+    /// Seconds a request whose body has arrived may wait for an inference worker; one that
+    /// has not started by then is answered 503 and never run.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECONDS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_seconds: u64,
+
+    /// The Retry-After header of every 503 (overloaded, not ready), in seconds.
+    #[arg(long, env = "RETRY_AFTER_SECONDS", default_value_t = 1)]
+    pub retry_after_seconds: u32,
+
+    /// Seconds from a connection opening to the end of its first request's headers;
+    /// slower gets 408. A later request on a kept-alive connection must start within the
+    /// 5 s keep-alive timeout, but actix-http puts no limit on its headers once their first
+    /// byte has come.
+    #[arg(long, env = "HEADER_TIMEOUT_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_seconds: u64,
+
+    /// Seconds from a request's headers to the end of its body; slower gets 408.
+    #[arg(long, env = "BODY_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout_seconds: u64,
+
+    /// Bytes that bodies still arriving may reserve, per inference worker: a request whose
+    /// Content-Length would go over gets 503 at its headers, a chunked one that outgrows it
+    /// gets 503 then. Keep it at least the largest body.
+    #[arg(long, env = "MAX_PENDING_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_pending_body_bytes: usize,
+
+    /// After refusing a body (413, or 503 at the headers), read and discard up to this many
+    /// more bytes of it before answering, so that a client that writes its whole body
+    /// before reading gets the answer and the connection stays open. Beyond it, the answer
+    /// closes the connection.
+    #[arg(long, env = "DISCARD_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub discard_body_bytes: usize,
+
+    /// On SIGTERM or SIGINT: /readyz answers 503, the port closes, and the requests already
+    /// received get this many seconds to finish before the process exits anyway.
+    #[arg(long, env = "GRACEFUL_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub graceful_timeout_seconds: u64,
 
     /// Adaptive batching: the most requests a worker runs through the model at once, at
     /// most 256 (each worker keeps an input buffer of this many 224x224 images, 147 KiB
@@ -96,6 +141,37 @@ impl Config {
             max_size: NonZeroUsize::new(usize::from(self.max_batch_size))
                 .unwrap_or(NonZeroUsize::MIN),
             wait: Duration::from_millis(self.batch_wait_ms),
+        }
+    }
+
+    /// Predict requests the service holds at once: the per-worker capacity times the
+    /// workers.
+    pub fn max_requests(&self) -> usize {
+        (self.queue_capacity as usize).saturating_mul(self.workers())
+    }
+
+    /// Bytes all bodies still arriving may reserve: the per-worker budget times the workers.
+    pub fn max_pending_bytes(&self) -> usize {
+        self.max_pending_body_bytes.saturating_mul(self.workers())
+    }
+
+    /// What reading a predict request may take (http.rs).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            discard_body_bytes: self.discard_body_bytes,
+            body_timeout: Duration::from_secs(self.body_timeout_seconds),
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+            retry_after_seconds: self.retry_after_seconds,
+        }
+    }
+
+    /// How the HTTP server treats connections (server.rs).
+    pub fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            workers: self.workers(),
+            header_timeout: Duration::from_secs(self.header_timeout_seconds),
+            graceful_timeout: Duration::from_secs(self.graceful_timeout_seconds),
         }
     }
 
@@ -176,6 +252,47 @@ mod tests {
         assert_eq!(default_of("workers"), "");
         assert_eq!(default_of("max_batch_size"), "1");
         assert_eq!(default_of("batch_wait_ms"), "2");
+        // weather/contract.py's policy for load, slow clients and shutdown; the same
+        // values are checked against that file by tests/test_registry.py.
+        assert_eq!(default_of("queue_capacity"), "64");
+        assert_eq!(default_of("request_timeout_seconds"), "2");
+        assert_eq!(default_of("retry_after_seconds"), "1");
+        assert_eq!(default_of("header_timeout_seconds"), "5");
+        assert_eq!(default_of("body_timeout_seconds"), "30");
+        assert_eq!(default_of("max_pending_body_bytes"), "67108864");
+        assert_eq!(default_of("discard_body_bytes"), "67108864");
+        assert_eq!(default_of("graceful_timeout_seconds"), "30");
+    }
+
+    #[test]
+    fn budgets_scale_with_the_workers() {
+        let config = Config::try_parse_from([
+            "rust_service",
+            "--workers",
+            "3",
+            "--queue-capacity",
+            "10",
+            "--max-pending-body-bytes",
+            "1000",
+            "--body-timeout-seconds",
+            "7",
+        ])
+        .expect("parses");
+        assert_eq!(config.max_requests(), 30);
+        assert_eq!(config.max_pending_bytes(), 3000);
+        assert_eq!(config.limits().body_timeout, Duration::from_secs(7));
+        assert_eq!(config.server_options().workers, 3);
+        for (flag, bad) in [
+            ("--queue-capacity", "0"),
+            ("--request-timeout-seconds", "0"),
+            ("--header-timeout-seconds", "0"),
+            ("--body-timeout-seconds", "0"),
+        ] {
+            assert!(
+                Config::try_parse_from(["rust_service", flag, bad]).is_err(),
+                "{flag} {bad}"
+            );
+        }
     }
 
     #[test]

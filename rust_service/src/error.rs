@@ -4,21 +4,29 @@
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use actix_web::http::{header, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::image::ImageError;
 
 /// Everything a request can fail with. `status()` is the one place that maps errors to
-/// HTTP status codes; every error body is `{"error": "<Display text>"}`.
+/// HTTP status codes; every error body is `{"error": "<Display text>"}`. Every 503 also
+/// carries `Retry-After`, set for all routes by `http::retry_after` from the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: usize },
+    /// actix-http refuses a Content-Length that is not a u64; this is one from 2^63 up,
+    /// which the contract refuses too (it is what a signed 64-bit length can hold).
+    #[error("Content-Length is not a decimal number below 2^63")]
+    InvalidContentLength,
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {}s of its headers", .within.as_secs_f64())]
+    BodyTimeout { within: Duration },
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     #[error("request body must be a JSON object")]
@@ -58,8 +66,15 @@ pub enum AppError {
     /// The decoders' own error, whose text is the client's message as it is.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Admission: the service holds as many predict requests as it may.
     #[error("the server is overloaded; retry later")]
     Overloaded,
+    /// Admission: the bodies still arriving hold all the memory they may.
+    #[error("too many request bodies are arriving at once; retry later")]
+    TooManyBodiesArriving,
+    /// The request waited for an inference worker longer than the request timeout.
+    #[error("the request could not start within {}s; retry later", .within.as_secs_f64())]
+    NotStarted { within: Duration },
     #[error("the model is not ready")]
     NotReady,
     #[error("not found")]
@@ -79,7 +94,9 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BodyRead(_)
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::InvalidContentLength
+            | Self::BodyRead(_)
             | Self::InvalidJson(_)
             | Self::NotAnObject
             | Self::MissingImage
@@ -94,7 +111,10 @@ impl AppError {
             // Every image the decoders refuse is the client's doing.
             | Self::Image(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded
+            | Self::TooManyBodiesArriving
+            | Self::NotStarted { .. }
+            | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Inference(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -109,11 +129,7 @@ impl ResponseError for AppError {
 
     fn error_response(&self) -> HttpResponse {
         let message = self.to_string();
-        let mut response = HttpResponse::build(self.status());
-        if matches!(self, Self::Overloaded | Self::NotReady) {
-            response.insert_header((header::RETRY_AFTER, "1"));
-        }
-        response.json(ErrorBody { error: &message })
+        HttpResponse::build(self.status()).json(ErrorBody { error: &message })
     }
 }
 
@@ -193,6 +209,7 @@ impl StartupError {
 mod tests {
     use super::*;
     use actix_web::body::MessageBody;
+    use actix_web::http::header;
 
     fn body_of(err: &AppError) -> (StatusCode, Option<String>, serde_json::Value) {
         let response = err.error_response();
@@ -213,6 +230,7 @@ mod tests {
     #[test]
     fn client_errors_map_to_400() {
         for err in [
+            AppError::InvalidContentLength,
             AppError::BodyRead("reset".into()),
             AppError::InvalidJson("eof".into()),
             AppError::NotAnObject,
@@ -254,7 +272,23 @@ mod tests {
                 },
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
+            (
+                AppError::BodyTimeout {
+                    within: Duration::from_secs(30),
+                },
+                StatusCode::REQUEST_TIMEOUT,
+            ),
             (AppError::Overloaded, StatusCode::SERVICE_UNAVAILABLE),
+            (
+                AppError::TooManyBodiesArriving,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                AppError::NotStarted {
+                    within: Duration::from_secs(2),
+                },
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
             (AppError::NotReady, StatusCode::SERVICE_UNAVAILABLE),
             (AppError::NotFound, StatusCode::NOT_FOUND),
             (AppError::MethodNotAllowed, StatusCode::METHOD_NOT_ALLOWED),
@@ -325,6 +359,20 @@ mod tests {
         assert_eq!(
             AppError::BodyTooLarge { limit: 16_777_216 }.to_string(),
             "request body is larger than 16777216 bytes"
+        );
+        assert_eq!(
+            AppError::NotStarted {
+                within: Duration::from_millis(2500)
+            }
+            .to_string(),
+            "the request could not start within 2.5s; retry later"
+        );
+        assert_eq!(
+            AppError::BodyTimeout {
+                within: Duration::from_secs(30)
+            }
+            .to_string(),
+            "the request body did not arrive within 30s of its headers"
         );
         assert_eq!(
             AppError::UnsupportedMediaType {

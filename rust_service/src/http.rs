@@ -1,20 +1,29 @@
 //! Routes: POST /predict, /predict/upload, /predict/raw, GET /livez, /readyz, /metrics.
 //! Every error, including a wrong path or method and an oversized body, is a JSON
-//! `{"error": ...}` body.
+//! `{"error": ...}` body, and every 503 says when to come back (`Retry-After`).
+//!
+//! A predict request goes through [`receive`] first: what its headers decide (media type,
+//! declared length, admission) is decided before its body is read, and a refused body is
+//! read and thrown away, never parsed. See docs/contract.md, "Under load, slow clients,
+//! shutdown".
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header;
-use actix_web::middleware::Next;
-use actix_web::web;
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::dev::{Payload, ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, Next};
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{App, HttpRequest, HttpResponse, ResponseError};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use crate::admission::{Admission, Permit};
 use crate::body::{self, BodyKind};
 use crate::error::AppError;
 use crate::infer::Inferencer;
@@ -32,7 +41,42 @@ pub struct AppState {
     pub labels: Arc<[String]>,
     pub metrics: Arc<Metrics>,
     pub ready: Arc<AtomicBool>,
+    pub admission: Arc<Admission>,
+    pub limits: Limits,
+}
+
+/// What a predict request may take, from `Config::limits`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
     pub max_body_bytes: usize,
+    /// How much of a refused body is read and thrown away before answering.
+    pub discard_body_bytes: usize,
+    /// From the headers to the end of the body.
+    pub body_timeout: Duration,
+    /// From the end of the body to the start on an inference worker.
+    pub request_timeout: Duration,
+    /// The `Retry-After` of every 503.
+    pub retry_after_seconds: u32,
+}
+
+/// The service: routes, then [`retry_after`], then [`track`] around them all. What
+/// main.rs serves and what the tests call.
+pub fn app(
+    state: web::Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .wrap(from_fn(retry_after))
+        .wrap(from_fn(track))
+        .configure(configure)
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -111,15 +155,184 @@ pub async fn track(
     result
 }
 
+/// Puts `Retry-After` on every 503 (overloaded, not started in time, not ready), here
+/// rather than in `AppError` because its value is configured.
+pub async fn retry_after(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let seconds = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.limits.retry_after_seconds);
+    let mut res = next.call(req).await?;
+    if let (StatusCode::SERVICE_UNAVAILABLE, Some(seconds)) = (res.status(), seconds) {
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    Ok(res)
+}
+
+/// A predict request admitted and its body read whole.
+struct Received {
+    /// Its place among the requests held, kept until it is answered.
+    permit: Permit,
+    body: BytesMut,
+    /// When the body was in, from which the request timeout counts.
+    arrived: Instant,
+}
+
+/// A predict request refused before its body was read whole.
+struct Refusal {
+    error: AppError,
+    /// What is left of its body, when it was not read to the end.
+    unread: Option<Payload>,
+}
+
+/// A response body that holds the unread rest of the request body until it has been
+/// sent. actix-http decides what to do with a request body nobody read when it writes the
+/// response's head and again when it has sent the response's body: as long as the request
+/// body is held, it answers `Connection: close` and closes the connection after a short
+/// linger (`client_disconnect_timeout`). Had the handler dropped the request body, it would
+/// read a chunked one to its end itself, however long and slow.
+struct HoldingUnread {
+    body: BoxBody,
+    _unread: Payload,
+}
+
+impl MessageBody for HoldingUnread {
+    type Error = <BoxBody as MessageBody>::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_next(cx)
+    }
+}
+
+impl Refusal {
+    fn into_response(self) -> HttpResponse {
+        let response = self.error.error_response();
+        match self.unread {
+            Some(unread) => response
+                .map_body(|_, body| HoldingUnread {
+                    body,
+                    _unread: unread,
+                })
+                .map_into_boxed_body(),
+            None => response,
+        }
+    }
+}
+
+/// Admits a predict request for an endpoint that takes `kind` and reads its body, or
+/// refuses it. In order, at the headers: the media type (415/400) and the declared length
+/// (400/413), the request's place (503) and the bytes its declared body reserves (503);
+/// then while the body arrives: its size (413), the bytes a chunked one reserves (503) and
+/// the body timeout (408). A body refused before it was read whole is read and thrown away,
+/// up to `discard_body_bytes` and the body timeout, before the answer, unless the client
+/// sent `Expect: 100-continue`.
+async fn receive(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    kind: BodyKind,
+) -> Result<Received, Refusal> {
+    let limits = &state.limits;
+    let headers_at = Instant::now();
+    let deadline = headers_at + limits.body_timeout;
+    let mut payload = payload.into_inner();
+    let admitted =
+        body::check_headers(req.headers(), kind, limits.max_body_bytes).and_then(|declared| {
+            let mut permit = state.admission.try_admit().ok_or(AppError::Overloaded)?;
+            if permit.reserve(declared.unwrap_or(0)) {
+                Ok((permit, declared))
+            } else {
+                Err(AppError::TooManyBodiesArriving)
+            }
+        });
+    let (mut permit, declared) = match admitted {
+        Ok(admitted) => admitted,
+        // A length that large is no body to wait for.
+        Err(error @ AppError::InvalidContentLength) => {
+            return Err(Refusal {
+                error,
+                unread: Some(payload),
+            })
+        }
+        Err(error) => return Err(refuse(error, payload, req, limits, deadline).await),
+    };
+    let read = body::read(
+        &mut payload,
+        declared,
+        limits.max_body_bytes,
+        (headers_at, limits.body_timeout),
+        |bytes| permit.reserve(bytes),
+    )
+    .await;
+    match read {
+        Ok(body) => {
+            permit.body_complete();
+            Ok(Received {
+                permit,
+                body,
+                arrived: Instant::now(),
+            })
+        }
+        Err(error @ AppError::BodyTimeout { .. }) => Err(Refusal {
+            error,
+            unread: Some(payload),
+        }),
+        Err(error @ AppError::BodyRead(_)) => Err(Refusal {
+            error,
+            unread: None,
+        }),
+        Err(error) => {
+            // Refused: the body thrown away does not hold a place.
+            drop(permit);
+            Err(refuse(error, payload, req, limits, deadline).await)
+        }
+    }
+}
+
+async fn refuse(
+    error: AppError,
+    mut payload: Payload,
+    req: &HttpRequest,
+    limits: &Limits,
+    deadline: Instant,
+) -> Refusal {
+    // A client that sent `Expect: 100-continue` reads while it sends (curl does), and
+    // actix-http has told it to go on before the handler runs: answer it at once, which
+    // also closes the connection, rather than take in its whole body first.
+    let read_to_end = !req.headers().contains_key(header::EXPECT)
+        && body::discard(&mut payload, limits.discard_body_bytes, deadline).await;
+    Refusal {
+        error,
+        unread: (!read_to_end).then_some(payload),
+    }
+}
+
 async fn predict(
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, AppError> {
-    let body = body::read(&req, payload, BodyKind::Json, state.max_body_bytes).await?;
+    let Received {
+        permit,
+        body,
+        arrived,
+    } = match receive(&state, &req, payload, BodyKind::Json).await {
+        Ok(received) => received,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
     let image = body::parse_predict_request(&body)?;
     drop(body);
-    answer(&state, image).await
+    answer(&state, permit, image, arrived).await
 }
 
 async fn predict_upload(
@@ -127,9 +340,12 @@ async fn predict_upload(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, AppError> {
-    let body = body::read(&req, payload, BodyKind::Multipart, state.max_body_bytes).await?;
-    let image = body::image_from_multipart(req.headers(), body.freeze()).await?;
-    answer(&state, image).await
+    let received = match receive(&state, &req, payload, BodyKind::Multipart).await {
+        Ok(received) => received,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let image = body::image_from_multipart(req.headers(), received.body.freeze()).await?;
+    answer(&state, received.permit, image, received.arrived).await
 }
 
 async fn predict_raw(
@@ -137,14 +353,25 @@ async fn predict_raw(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, AppError> {
-    let image = body::read(&req, payload, BodyKind::ImageFile, state.max_body_bytes).await?;
-    answer(&state, image.into()).await
+    let received = match receive(&state, &req, payload, BodyKind::ImageFile).await {
+        Ok(received) => received,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let image = received.body.into();
+    answer(&state, received.permit, image, received.arrived).await
 }
 
 /// Where every predict route ends once it has the image's bytes, so that the same image
-/// gets the same answer whichever way it came.
-async fn answer(state: &AppState, image: Vec<u8>) -> Result<HttpResponse, AppError> {
-    let probabilities = state.inferencer.predict(image).await?;
+/// gets the same answer whichever way it came. `permit` is the request's place, given back
+/// when it is answered (or when this future is dropped, its client gone).
+async fn answer(
+    state: &AppState,
+    permit: Permit,
+    image: Vec<u8>,
+    arrived: Instant,
+) -> Result<HttpResponse, AppError> {
+    let probabilities = state.inferencer.predict(image, arrived).await?;
+    drop(permit);
     let prediction = Prediction::new(&state.labels, &probabilities)?;
     Ok(HttpResponse::Ok().json(prediction))
 }
@@ -229,31 +456,56 @@ impl Serialize for Prediction<'_> {
     }
 }
 
+/// The service's state on a model that needs no ONNX Runtime, for the tests here and in
+/// server.rs.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use crate::body::test_support::{body as multipart_body, content_type, field, file};
-    use crate::infer::Batching;
-    use actix_web::dev::Payload;
-    use actix_web::http::StatusCode;
-    use actix_web::middleware::from_fn;
-    use actix_web::test::{self, TestRequest};
-    use actix_web::web::Bytes;
-    use actix_web::App;
-    use futures_util::{stream, StreamExt};
 
-    const PHOTO: &[u8] = include_bytes!("../tests/fixtures/rgb_420.jpg");
-    const LIMIT: usize = 64 * 1024;
+    /// Limits small enough for tests: 64 KiB bodies, 1 MiB discarded, 30 s timeouts.
+    pub const LIMITS: Limits = Limits {
+        max_body_bytes: 64 * 1024,
+        discard_body_bytes: 1024 * 1024,
+        body_timeout: Duration::from_secs(30),
+        request_timeout: Duration::from_secs(30),
+        retry_after_seconds: 1,
+    };
 
-    /// The service as main.rs puts it together, on a model that needs no ONNX Runtime.
-    fn state() -> web::Data<AppState> {
+    /// The state main.rs builds, around `inferencer`, holding at most `capacity` requests
+    /// and `max_pending_bytes` of bodies arriving.
+    pub fn state_with(
+        inferencer: Inferencer,
+        limits: Limits,
+        capacity: usize,
+        max_pending_bytes: usize,
+    ) -> web::Data<AppState> {
         web::Data::new(AppState {
-            inferencer: Inferencer::fake(Batching::OFF),
+            inferencer,
             labels: ["red", "green", "blue"].map(String::from).into(),
             metrics: Arc::new(Metrics::new("test", "v1", &PREDICT_ROUTES)),
             ready: Arc::new(AtomicBool::new(true)),
-            max_body_bytes: LIMIT,
+            admission: Admission::new(capacity, max_pending_bytes),
+            limits,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{state_with, LIMITS};
+    use super::*;
+    use crate::body::test_support::{body as multipart_body, content_type, field, file};
+    use crate::infer::testing::FakeModel;
+    use crate::infer::Batching;
+    use actix_web::test::{self, TestRequest};
+    use futures_util::{stream, StreamExt};
+
+    const PHOTO: &[u8] = include_bytes!("../tests/fixtures/rgb_420.jpg");
+    const LIMIT: usize = LIMITS.max_body_bytes;
+
+    /// The service as main.rs puts it together, on a model that needs no ONNX Runtime.
+    fn state() -> web::Data<AppState> {
+        state_with(Inferencer::fake(Batching::OFF), LIMITS, 64, 1 << 20)
     }
 
     /// Sends `req` (with `streamed` as its body instead, if given: no Content-Length).
@@ -262,23 +514,28 @@ mod tests {
         req: TestRequest,
         streamed: Option<Payload>,
     ) -> (StatusCode, serde_json::Value) {
+        let (status, _, json) = call_full(state, req, streamed).await;
+        (status, json)
+    }
+
+    /// Like [`call_with`], with the response's headers.
+    async fn call_full(
+        state: &web::Data<AppState>,
+        req: TestRequest,
+        streamed: Option<Payload>,
+    ) -> (StatusCode, header::HeaderMap, serde_json::Value) {
         let mut req = req.to_request();
         if let Some(payload) = streamed {
             *req.payload() = payload;
         }
-        let app = test::init_service(
-            App::new()
-                .app_data(state.clone())
-                .wrap(from_fn(track))
-                .configure(configure),
-        )
-        .await;
+        let app = test::init_service(app(state.clone())).await;
         let response = test::call_service(&app, req).await;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = test::read_body(response).await;
         let json = serde_json::from_slice(&body)
             .unwrap_or_else(|err| panic!("{status}: body is not JSON ({err}): {body:?}"));
-        (status, json)
+        (status, headers, json)
     }
 
     async fn call(req: TestRequest) -> (StatusCode, serde_json::Value) {
@@ -474,5 +731,205 @@ mod tests {
         );
         assert!(Prediction::new(&labels, &[0.5, f32::NAN, 0.5]).is_err());
         assert!(Prediction::new(&labels, &[1.0]).is_err());
+    }
+
+    fn json_request(body: impl Into<Bytes>) -> TestRequest {
+        TestRequest::post().uri(PREDICT).set_payload(body.into())
+    }
+
+    fn photo_json() -> String {
+        serde_json::json!({ "image": base64_simd::STANDARD.encode_to_string(PHOTO) }).to_string()
+    }
+
+    /// A body that sends `first` and then nothing, ever.
+    fn stalled(first: Vec<u8>) -> Payload {
+        let chunks = stream::once(async move { Ok(Bytes::from(first)) }).chain(stream::pending());
+        Payload::from(chunks.boxed_local())
+    }
+
+    #[actix_web::test]
+    async fn a_request_over_the_capacity_gets_503_at_its_headers_without_its_body_parsed() {
+        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 1, 1 << 20);
+        let held = state.admission.try_admit().expect("the one place");
+        // Not even JSON: had it been parsed, it would be a 400.
+        let (status, headers, json) = call_full(&state, json_request("not json"), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(error_of(&json), "the server is overloaded; retry later");
+        assert_eq!(
+            headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        drop(held);
+        let (status, json) = call_with(&state, json_request(photo_json()), None).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(state.admission.held(), 0, "every place given back");
+        assert_eq!(state.admission.pending_bytes(), 0);
+    }
+
+    #[actix_web::test]
+    async fn retry_after_is_configured_and_on_every_503() {
+        let limits = Limits {
+            retry_after_seconds: 7,
+            ..LIMITS
+        };
+        let state = state_with(Inferencer::fake(Batching::OFF), limits, 0, 1 << 20);
+        let (status, headers, _) = call_full(&state, raw(Some("image/png"), PHOTO), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"7"[..])
+        );
+        state.ready.store(false, Ordering::Release);
+        let (status, headers, json) =
+            call_full(&state, TestRequest::get().uri("/readyz"), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(
+            headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"7"[..])
+        );
+        let (status, headers, _) = call_full(&state, TestRequest::get().uri("/nope"), None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(headers.get(header::RETRY_AFTER).is_none(), "only on 503s");
+    }
+
+    #[actix_web::test]
+    async fn client_errors_at_the_headers_come_before_admission() {
+        // A full service still tells a client its request is wrong.
+        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 0, 1 << 20);
+        let (status, _) = call_with(&state, raw(Some("text/plain"), PHOTO), None).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let (status, _) = call_with(&state, raw(Some("image/png"), &[0; LIMIT + 1]), None).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[actix_web::test]
+    async fn content_lengths_from_2_pow_63_are_400() {
+        for (length, expected) in [
+            ("9223372036854775808", StatusCode::BAD_REQUEST), // 2^63
+            ("18446744073709551615", StatusCode::BAD_REQUEST), // 2^64 - 1
+            ("9223372036854775807", StatusCode::PAYLOAD_TOO_LARGE), // 2^63 - 1
+        ] {
+            let req = raw(Some("image/png"), b"").insert_header((header::CONTENT_LENGTH, length));
+            let (status, json) = call(req).await;
+            assert_eq!(status, expected, "{length}: {json}");
+        }
+        let req = raw(Some("image/png"), b"").insert_header((header::CONTENT_LENGTH, "1 << 63"));
+        assert_eq!(
+            error_of(&call(req).await.1),
+            AppError::InvalidContentLength.to_string()
+        );
+    }
+
+    #[actix_web::test]
+    async fn bodies_arriving_over_the_budget_get_503() {
+        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 8, 1000);
+        // Declared: refused at the headers.
+        let (status, headers, json) =
+            call_full(&state, raw(Some("image/png"), &[0; 1001]), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(error_of(&json), AppError::TooManyBodiesArriving.to_string());
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        // Chunked: refused once it outgrows the budget.
+        let chunks = (0..3).map(|_| Ok(Bytes::from(vec![0u8; 400])));
+        let payload = Payload::from(stream::iter(chunks).boxed_local());
+        let req = TestRequest::post()
+            .uri(PREDICT_RAW)
+            .insert_header((header::CONTENT_TYPE, "image/png"));
+        let (status, json) = call_with(&state, req, Some(payload)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(error_of(&json), AppError::TooManyBodiesArriving.to_string());
+        // A body that is in gives its bytes back: two in a row each fit.
+        for _ in 0..2 {
+            let (status, _) = call_with(&state, raw(Some("image/png"), &[0; 900]), None).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "read, then not an image");
+        }
+        assert_eq!(state.admission.pending_bytes(), 0);
+        assert_eq!(state.admission.held(), 0);
+    }
+
+    #[actix_web::test]
+    async fn a_body_that_stalls_gets_408_and_gives_its_place_back() {
+        let limits = Limits {
+            body_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let state = state_with(Inferencer::fake(Batching::OFF), limits, 8, 1 << 20);
+        let req = TestRequest::post()
+            .uri(PREDICT_RAW)
+            .insert_header((header::CONTENT_TYPE, "image/png"));
+        let started = Instant::now();
+        let (status, json) = call_with(&state, req, Some(stalled(vec![0; 100]))).await;
+        assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{json}");
+        assert_eq!(
+            error_of(&json),
+            "the request body did not arrive within 0.2s of its headers"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(state.admission.held(), 0);
+        assert_eq!(state.admission.pending_bytes(), 0);
+    }
+
+    #[actix_web::test]
+    async fn a_refused_body_that_stalls_is_not_waited_for_past_the_body_timeout() {
+        let limits = Limits {
+            body_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let state = state_with(Inferencer::fake(Batching::OFF), limits, 0, 1 << 20);
+        let req = TestRequest::post()
+            .uri(PREDICT_RAW)
+            .insert_header((header::CONTENT_TYPE, "image/png"));
+        let started = Instant::now();
+        let (status, _) = call_with(&state, req, Some(stalled(vec![0; 100]))).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Waits, without blocking the test's runtime, for the gated model to start an image.
+    async fn started(started: &crossbeam_channel::Receiver<()>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started.try_recv().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the model never started an image"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_request_that_cannot_start_in_time_gets_503_and_is_not_run() {
+        let (model, gate) = FakeModel::gated();
+        let limits = Limits {
+            request_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let inferencer = Inferencer::fake_with(model, Batching::OFF, limits.request_timeout);
+        let state = state_with(inferencer, limits, 8, 1 << 20);
+        let app = test::init_service(app(state.clone())).await;
+        // The first request takes the worker and holds it past the second's deadline.
+        let first = test::call_service(&app, raw(Some("image/jpeg"), PHOTO).to_request());
+        let second = async {
+            started(&gate.started).await;
+            let response = test::call_service(&app, raw(Some("image/png"), PHOTO).to_request());
+            let release = async {
+                actix_web::rt::time::sleep(Duration::from_millis(400)).await;
+                gate.proceed.send(()).expect("let the first through");
+            };
+            let (response, ()) = futures_util::future::join(response, release).await;
+            response
+        };
+        let (first, second) = futures_util::future::join(first, second).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(second.headers().contains_key(header::RETRY_AFTER));
+        let json: serde_json::Value =
+            serde_json::from_slice(&test::read_body(second).await).expect("JSON");
+        assert_eq!(
+            error_of(&json),
+            "the request could not start within 0.2s; retry later"
+        );
+        assert!(gate.started.try_recv().is_err(), "the second never started");
+        assert_eq!(state.admission.held(), 0);
     }
 }

@@ -1,7 +1,10 @@
 //! Inference off the async runtime: worker threads that each own one ONNX Runtime session
 //! (`Session::run` takes `&mut self`) and do the whole CPU-bound part of a request
 //! (decode, resize, crop, run), fed by one bounded queue with a oneshot reply per job.
-//! A full queue is answered at once with 503 instead of piling up latency.
+//! Admission (admission.rs) keeps the queue from filling; a full one is still answered at
+//! once with 503 instead of piling up latency. A worker never starts a job whose client is
+//! gone, nor one that waited past its deadline (the request timeout): that one is answered
+//! 503, so the requests that are run waited at most the timeout.
 //!
 //! Adaptive batching (off unless `Batching::max_size` > 1): a worker that takes a job waits
 //! a little for more ([`gather`]) and runs their images through the model at once. Each
@@ -31,7 +34,10 @@ const KEEP_BUFFER_BYTES: usize = 64 * 1024 * 1024;
 pub struct WorkerOptions {
     pub workers: usize,
     pub intra_threads: usize,
+    /// Jobs queued at most, in all.
     pub queue_capacity: usize,
+    /// How long a job may wait to start (see [`Inferencer::predict`]).
+    pub request_timeout: Duration,
     pub max_pixels: u64,
     pub batching: Batching,
 }
@@ -58,21 +64,34 @@ type Reply = oneshot::Sender<Result<Vec<f32>, AppError>>;
 struct Job {
     image: Vec<u8>,
     reply: Reply,
+    /// Not started by then, the job is answered 503 instead.
+    start_by: Instant,
 }
 
 /// The handle request handlers use; cheap to clone.
 #[derive(Clone)]
 pub struct Inferencer {
     jobs: Sender<Job>,
+    request_timeout: Duration,
 }
 
 impl Inferencer {
     /// Runs one encoded image (JPEG/PNG bytes) through preprocessing and the model and
     /// returns the probabilities in label order.
-    pub async fn predict(&self, image: Vec<u8>) -> Result<Vec<f32>, AppError> {
+    ///
+    /// `arrived` is when the request's body was in: a job not started by a worker within
+    /// the request timeout of it is answered [`AppError::NotStarted`] and never run.
+    /// Dropping the future (the client went away) before a worker takes the job means it
+    /// is never run either.
+    pub async fn predict(&self, image: Vec<u8>, arrived: Instant) -> Result<Vec<f32>, AppError> {
         let (reply, answer) = oneshot::channel();
+        let start_by = arrived + self.request_timeout;
         self.jobs
-            .try_send(Job { image, reply })
+            .try_send(Job {
+                image,
+                reply,
+                start_by,
+            })
             .map_err(|err| match err {
                 TrySendError::Full(_) => AppError::Overloaded,
                 TrySendError::Disconnected(_) => AppError::NotReady,
@@ -105,6 +124,7 @@ pub fn start(
 ) -> Result<(Inferencer, WorkerPool), StartupError> {
     let model_bytes: Arc<[u8]> = spec.read_onnx()?.into();
     let (jobs, queue) = crossbeam_channel::bounded::<Job>(options.queue_capacity.max(1));
+    let request_timeout = options.request_timeout;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartupError>>();
     let mut handles = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
@@ -133,7 +153,7 @@ pub fn start(
                 drop(model_bytes);
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                serve(&mut predictor, &queue, batching);
+                serve(&mut predictor, &queue, batching, request_timeout);
             })
             .map_err(StartupError::SpawnWorker)?;
         handles.push(handle);
@@ -147,7 +167,13 @@ pub fn start(
             Err(_) => return Err(StartupError::WorkerExited),
         }
     }
-    Ok((Inferencer { jobs }, WorkerPool { handles }))
+    Ok((
+        Inferencer {
+            jobs,
+            request_timeout,
+        },
+        WorkerPool { handles },
+    ))
 }
 
 /// Takes the next jobs from `queue` into `batch` (empty on entry): waits as long as it
@@ -190,8 +216,15 @@ trait BatchModel {
 }
 
 /// A worker's loop, until the queue is closed and drained: gather a batch, prepare each
-/// image (answering the bad ones at once), run the rest together, answer them.
-fn serve<M: BatchModel>(model: &mut M, queue: &Receiver<Job>, batching: Batching) {
+/// image (answering the bad ones at once), run the rest together, answer them. A job is
+/// started when its image is prepared; one whose client is gone, or that is past its
+/// `start_by`, is not.
+fn serve<M: BatchModel>(
+    model: &mut M,
+    queue: &Receiver<Job>,
+    batching: Batching,
+    request_timeout: Duration,
+) {
     // Both reused from batch to batch; no allocation per request once they have grown.
     let mut jobs = Vec::new();
     let mut prepared: Vec<Reply> = Vec::new(); // in input slot order
@@ -201,6 +234,13 @@ fn serve<M: BatchModel>(model: &mut M, queue: &Receiver<Job>, batching: Batching
         for job in jobs.drain(..) {
             if job.reply.is_closed() {
                 continue; // the client went away while the job waited
+            }
+            if Instant::now() > job.start_by {
+                // Running it now would make it late and every job behind it later still.
+                let _ = job.reply.send(Err(AppError::NotStarted {
+                    within: request_timeout,
+                }));
+                continue;
             }
             let slot = prepared.len();
             match catch_unwind(AssertUnwindSafe(|| model.prepare(&job.image, slot))) {
@@ -512,10 +552,26 @@ pub(crate) mod testing {
         input: Vec<u8>,
         output: Vec<f32>,
         fail_runs_of: Option<(usize, Failure)>,
+        gate: Option<Gate>,
         /// How many images it was asked to prepare.
         pub prepared: usize,
         /// The size of each run.
         pub runs: Vec<usize>,
+    }
+
+    /// Holds a worker at each image it starts, so that tests can keep it busy: the model
+    /// says `started` and waits for one message on `proceed` (or for it to close).
+    pub struct Gate {
+        pub started: crossbeam_channel::Sender<()>,
+        pub proceed: crossbeam_channel::Receiver<()>,
+    }
+
+    /// The test's side of a [`Gate`].
+    pub struct GateControl {
+        /// One message per image started.
+        pub started: crossbeam_channel::Receiver<()>,
+        /// One message lets one image through; dropping it lets all through.
+        pub proceed: crossbeam_channel::Sender<()>,
     }
 
     impl FakeModel {
@@ -526,6 +582,20 @@ pub(crate) mod testing {
                 ..Self::default()
             }
         }
+
+        /// One that waits at every image it starts until the test lets it proceed.
+        pub fn gated() -> (Self, GateControl) {
+            let (started_tx, started) = crossbeam_channel::unbounded();
+            let (proceed, proceed_rx) = crossbeam_channel::unbounded();
+            let model = Self {
+                gate: Some(Gate {
+                    started: started_tx,
+                    proceed: proceed_rx,
+                }),
+                ..Self::default()
+            };
+            (model, GateControl { started, proceed })
+        }
     }
 
     impl BatchModel for FakeModel {
@@ -535,6 +605,10 @@ pub(crate) mod testing {
 
         fn prepare(&mut self, encoded: &[u8], slot: usize) -> Result<(), ImageError> {
             self.prepared += 1;
+            if let Some(gate) = &self.gate {
+                let _ = gate.started.send(());
+                let _ = gate.proceed.recv();
+            }
             assert!(encoded != PANICS_DECODER, "decoder bug");
             image::decode_rgb(encoded, 40_000_000, &mut self.decoded)?;
             let end = (slot + 1) * INPUT_LEN;
@@ -582,9 +656,22 @@ pub(crate) mod testing {
     impl Inferencer {
         /// An inferencer whose one worker serves a [`FakeModel`].
         pub(crate) fn fake(batching: Batching) -> Self {
+            Self::fake_with(FakeModel::default(), batching, Duration::from_secs(60))
+        }
+
+        /// An inferencer whose one worker serves `model`, starting jobs at most
+        /// `request_timeout` after their body arrived.
+        pub(crate) fn fake_with(
+            mut model: FakeModel,
+            batching: Batching,
+            request_timeout: Duration,
+        ) -> Self {
             let (jobs, queue) = crossbeam_channel::bounded(64);
-            std::thread::spawn(move || serve(&mut FakeModel::default(), &queue, batching));
-            Self { jobs }
+            std::thread::spawn(move || serve(&mut model, &queue, batching, request_timeout));
+            Self {
+                jobs,
+                request_timeout,
+            }
         }
     }
 }
@@ -687,6 +774,9 @@ mod tests {
 
     type Answer = oneshot::Receiver<Result<Vec<f32>, AppError>>;
 
+    /// The request timeout of these tests: longer than any of them takes.
+    const WAIT: Duration = Duration::from_secs(600);
+
     /// Queues `images`, closes the queue and lets `serve` work through it on this thread.
     fn serve_all(model: &mut FakeModel, batching: Batching, images: &[&[u8]]) -> Vec<Answer> {
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -697,13 +787,14 @@ mod tests {
                 tx.send(Job {
                     image: image.to_vec(),
                     reply,
+                    start_by: Instant::now() + WAIT,
                 })
                 .expect("send");
                 answer
             })
             .collect();
         drop(tx);
-        serve(model, &rx, batching);
+        serve(model, &rx, batching, WAIT);
         answers
     }
 
@@ -772,11 +863,62 @@ mod tests {
         tx.send(Job {
             image: RGB_420.to_vec(),
             reply,
+            start_by: Instant::now() + WAIT,
         })
         .expect("send");
         drop(tx);
-        serve(&mut model, &rx, batching(8, Duration::ZERO));
+        serve(&mut model, &rx, batching(8, Duration::ZERO), WAIT);
         assert_eq!(model.prepared, 0);
         assert!(model.runs.is_empty());
+    }
+
+    #[test]
+    fn jobs_past_their_start_deadline_are_answered_503_and_not_run() {
+        let mut model = FakeModel::default();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let timeout = Duration::from_millis(50);
+        let mut answers = Vec::new();
+        for start_by in [
+            Instant::now() - Duration::from_millis(1),
+            Instant::now() + WAIT,
+        ] {
+            let (reply, answer_rx) = oneshot::channel();
+            tx.send(Job {
+                image: RGB_420.to_vec(),
+                reply,
+                start_by,
+            })
+            .expect("send");
+            answers.push(answer_rx);
+        }
+        drop(tx);
+        serve(&mut model, &rx, batching(8, Duration::ZERO), timeout);
+        assert_eq!(model.prepared, 1, "only the one still in time");
+        assert_eq!(model.runs, [1]);
+        match answer(&mut answers[0]) {
+            Err(err @ AppError::NotStarted { within }) => {
+                assert_eq!(within, timeout);
+                assert_eq!(err.status(), 503);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(answer(&mut answers[1]).expect("in time"), alone(RGB_420));
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_body_not_from_the_queue() {
+        // A request whose body arrived long ago is late even if queued just now.
+        let inferencer = Inferencer::fake_with(
+            FakeModel::default(),
+            Batching::OFF,
+            Duration::from_millis(100),
+        );
+        let runtime = actix_web::rt::System::new();
+        let late = runtime.block_on(
+            inferencer.predict(RGB_420.to_vec(), Instant::now() - Duration::from_secs(1)),
+        );
+        assert!(matches!(late, Err(AppError::NotStarted { .. })), "{late:?}");
+        let in_time = runtime.block_on(inferencer.predict(RGB_420.to_vec(), Instant::now()));
+        assert_eq!(in_time.expect("in time"), alone(RGB_420));
     }
 }
