@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark import plan
+from benchmark import overload, plan
 from benchmark.run import PROFILES, Settings, SettingsError, run
 from harness import docker
 from weather.endpoints import ENDPOINTS
@@ -14,7 +14,7 @@ from weather.registry import SERVICES
 
 EPILOG = """\
 profiles:
-  quick   16 users, 5 s warm-up + 20 s measured per service, 20 s per other endpoint and with
+  quick   50 users, 5 s warm-up + 20 s measured per service, 20 s per other endpoint and with
           batching on, 3 cold starts, 8 s ceilings (about 10 minutes)
   full    50 users, 15 s warm-up + 40,000 requests per service (like the original; at most 1 hour each),
           120 s per other endpoint and with batching on, 15 cold starts, 20 s ceilings
@@ -75,7 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan.add_arguments(plan_parser)
 
+    overload_parser = commands.add_parser(
+        "overload",
+        help="useful throughput under overload (503s, not latency) and memory after a spike",
+        description=overload.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    overload.add_arguments(overload_parser)
+
     args = parser.parse_args(argv)
+    if args.command == "overload":
+        return overload.main(args)
     if args.command == "report":
         from benchmark.report import render
 

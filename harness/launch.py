@@ -31,11 +31,15 @@ from pathlib import Path
 import psutil
 
 from harness import REPO, docker
+from weather.contract import GRACEFUL_TIMEOUT_SECONDS
 from weather.registry import Service
 
 CONTAINER_PORT = 3000  # every image listens here (its EXPOSE)
 POLL_S = 0.01  # how often /readyz is asked while a service starts
-STOP_GRACE_S = 20.0
+# A stopped service may finish its requests in flight for GRACEFUL_TIMEOUT_SECONDS
+# (docs/contract.md); it is killed only once that, and a margin to exit, has passed.
+STOP_MARGIN_S = 10.0
+STOP_GRACE_S = GRACEFUL_TIMEOUT_SECONDS + STOP_MARGIN_S
 
 
 class LaunchError(Exception):

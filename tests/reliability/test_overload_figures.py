@@ -1,0 +1,74 @@
+"""The overload benchmark's figures (benchmark/overload.py), from a request log made up here:
+useful throughput counts only valid 200s, the 503 share all 503s, latency only accepted requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmark.overload import OverloadSettings, markdown, overload_onset, summarize
+
+
+def write_log(path, rows):
+    path.write_text("end_time_s,response_time_ms,status,kind\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    return path
+
+
+def test_summary_counts_only_valid_200s_as_useful(tmp_path):
+    # 10 s window: the first request starts at t=100 (ends 100.5 after 500 ms), the last ends at 110.
+    rows = [(100.5, 500, 200, "ok")]
+    rows += [(101 + i * 0.1, 100 + i, 200, "ok") for i in range(19)]  # 20 ok, latencies 100..118 and 500
+    rows += [(102 + i * 0.01, 1, 503, "busy") for i in range(70)]
+    rows += [(103, 2, 503, "bad_503"), (104, 3, 200, "bad_200"), (105, 4, 0, "connection_ConnectionResetError")]
+    rows += [(110, 5, 400, "http_400")]
+    figures = summarize(write_log(tmp_path / "log.csv", rows))
+
+    assert figures["requests"] == 94
+    assert figures["window_s"] == pytest.approx(10.0)
+    assert figures["useful_rps"] == pytest.approx(2.0)
+    assert figures["share_503"] == pytest.approx(71 / 94, abs=1e-4)
+    assert figures["connection_errors"] == 1
+    assert figures["kinds"] == {
+        "busy": 70,
+        "ok": 20,
+        "bad_503": 1,
+        "bad_200": 1,
+        "connection_ConnectionResetError": 1,
+        "http_400": 1,
+    }
+    assert figures["max_ms_accepted"] == 500
+    assert 118 <= figures["p99_ms_accepted"] <= 500
+    assert figures["p50_ms_accepted"] == pytest.approx(109.5)
+
+
+def test_overload_starts_at_the_full_queue_or_the_deadline():
+    settings = OverloadSettings(
+        mode="process", services=[], env={"QUEUE_CAPACITY": "64", "REQUEST_TIMEOUT_SECONDS": "2"}
+    )
+    assert overload_onset(10.0, settings)["overload_starts_at_users"] == 20  # 20 waiting = 2 s at 10 req/s
+    assert overload_onset(100.0, settings)["overload_starts_at_users"] == 64  # the queue fills first
+
+
+def test_report_marks_the_target():
+    run = {"users": 40, "useful_rps": 95.0, "useful_rps_vs_peak": 0.95, "share_503": 0.5, "connection_errors": 0}
+    run.update(p50_ms_accepted=300.0, p99_ms_accepted=1900.0, kinds={"ok": 10, "busy": 10}, meets_target=True)
+    results = {
+        "setup": {
+            "run_id": "x",
+            "mode": "process",
+            "settings": {"cpus_per_service": 1, "endpoint": "json", "honor_retry_after": False},
+            "policy": {"QUEUE_CAPACITY": 64, "REQUEST_TIMEOUT_SECONDS": 2},
+        },
+        "services": {
+            "rust": {
+                "status": "ok",
+                "peak": {"users": 2, "useful_rps": 100.0, "overload_starts_at_users": 64},
+                "overload": [run, {**run, "useful_rps_vs_peak": 0.5, "meets_target": False}],
+            },
+            "torch": {"status": "failed", "error": "did not start"},
+        },
+    }
+    table = markdown(results)
+    assert "| rust | 40 | 95.0 | 0.95 | 50.0% | 300 / 1,900 | 0 | — | yes |" in table
+    assert "| rust | 40 | 95.0 | 0.50 |" in table
+    assert table.count("| no |") == 1
+    assert "failed: did not start" in table
