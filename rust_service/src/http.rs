@@ -130,18 +130,14 @@ pub async fn track(
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_string());
     let started = Instant::now();
-    if let Some(m) = &metrics {
-        m.start(&endpoint);
-    }
+    let mut in_flight = InFlight::start(metrics, endpoint);
     let result = next.call(req).await;
     let status = match &result {
         Ok(res) => res.status().as_u16(),
         Err(err) => err.as_response_error().status_code().as_u16(),
     };
     let seconds = started.elapsed().as_secs_f64();
-    if let Some(m) = &metrics {
-        m.finish(&endpoint, status, seconds);
-    }
+    let endpoint = in_flight.finish(status, seconds);
     if status >= 500 && status != 503 {
         tracing::warn!(
             endpoint,
@@ -153,6 +149,48 @@ pub async fn track(
         tracing::debug!(endpoint, status, elapsed_ms = seconds * 1e3, "request");
     }
     result
+}
+
+/// A request counted as in progress until it is answered, or until actix drops it because its
+/// client has gone: it is then counted as a 503, as the bentos count a request whose client
+/// left before it could run.
+struct InFlight {
+    metrics: Option<Arc<Metrics>>,
+    endpoint: String,
+    started: Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    fn start(metrics: Option<Arc<Metrics>>, endpoint: String) -> Self {
+        if let Some(m) = &metrics {
+            m.start(&endpoint);
+        }
+        Self {
+            metrics,
+            endpoint,
+            started: Instant::now(),
+            finished: false,
+        }
+    }
+
+    /// Records the answer; returns the endpoint label for logging.
+    fn finish(&mut self, status: u16, seconds: f64) -> String {
+        self.finished = true;
+        if let Some(m) = &self.metrics {
+            m.finish(&self.endpoint, status, seconds);
+        }
+        std::mem::take(&mut self.endpoint)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.finished {
+            let seconds = self.started.elapsed().as_secs_f64();
+            self.finish(503, seconds);
+        }
+    }
 }
 
 /// Puts `Retry-After` on every 503 (overloaded, not started in time, not ready), here

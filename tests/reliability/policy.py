@@ -91,12 +91,22 @@ NO_JSON_BODY: Mapping[str, frozenset[str]] = MappingProxyType(
 )
 # A reset instead of the answer is allowed ("the connection may then be reset").
 MAY_RESET: Mapping[str, frozenset[str]] = MappingProxyType({"rust": frozenset({"header-of-1-mib"})})
+# A refusal decided at the headers may come once the body is discarded, so a client that stalls
+# mid-body gets it at BODY_TIMEOUT_SECONDS (docs/contract.md, Errors of the HTTP layer).
+DEFERRED_REFUSAL: Mapping[str, frozenset[str]] = MappingProxyType({"rust": frozenset({"declared-413"})})
+_DEFERRED = (
+    "a refusal at the headers comes once the body is discarded, at BODY_TIMEOUT_SECONDS for a stalled "
+    "client (docs/contract.md, Errors of the HTTP layer)"
+)
 # Not required at all, and why.
 NOT_REQUIRED: Mapping[str, Mapping[str, str]] = MappingProxyType(
     {
         "rust": {
             "slow-headers-keep-alive": "actix's header timeout covers a connection's first request only "
-            "(docs/contract.md, Errors of the HTTP layer)"
+            "(docs/contract.md, Errors of the HTTP layer)",
+            # The stalled uploads within the bound time out (408) when the refused one is answered.
+            "pending-bound": _DEFERRED,
+            "chunked-over-bound": _DEFERRED,
         }
     }
 )
@@ -108,6 +118,12 @@ def exception(table: Mapping, target: str, case: str):
     if isinstance(found, Mapping):
         return found.get(case)
     return case if case in found else None
+
+
+def refusal_deadline(policy, target: str, case: str) -> float:
+    """How long after the headers a refusal decided there may come: at once (1 s), or, where
+    DEFERRED_REFUSAL says so, at the body timeout."""
+    return policy.BODY_TIMEOUT_SECONDS + 1.0 if exception(DEFERRED_REFUSAL, target, case) else 1.0
 
 
 def service_name(target: str) -> str:

@@ -17,7 +17,7 @@ from .observe import wait_idle
 from .policy import NOT_REQUIRED, check_busy, check_error, exception
 
 SLACK_S = 2.0  # how late after its timeout a 408 may come, on a shared machine
-EARLY_S = 0.25  # how early (timers are not exact)
+EARLY_S = 0.5  # how early: actix checks its header timer coarsely and fires up to ~0.4 s early
 DECLARED = 1000  # bytes of body a slow request promises
 
 
@@ -110,9 +110,11 @@ def still_waiting(sock) -> bool:
     return not select.select([sock], [], [], 0)[0]
 
 
-def test_pending_bodies_are_bounded_at_the_headers(service):
+def test_pending_bodies_are_bounded_at_the_headers(service, target):
     """Stalled uploads fill MAX_PENDING_BODY_BYTES with their declared lengths; the next ones get
     503 (JSON, Retry-After) as soon as their headers arrive, long before any body timeout."""
+    if why_not := exception(NOT_REQUIRED, target, "pending-bound"):
+        pytest.skip(why_not)
     declared, held = pending_plan(service)
     wait_idle(service.port)
     with stalled_uploads(service.port, declared, held) as waiting:
@@ -127,9 +129,11 @@ def test_pending_bodies_are_bounded_at_the_headers(service):
             assert after < 1.0, f"the 503 came {after:.2f} s after the headers, not at once"
 
 
-def test_a_chunked_body_that_outgrows_the_pending_bound_gets_503(service):
+def test_a_chunked_body_that_outgrows_the_pending_bound_gets_503(service, target):
     """With the bound nearly full of stalled uploads, a chunked upload that grows past it gets 503
     then (before its body is complete), and the stalled ones are left waiting."""
+    if why_not := exception(NOT_REQUIRED, target, "chunked-over-bound"):
+        pytest.skip(why_not)
     declared, held = pending_plan(service)
     room = service.policy.MAX_PENDING_BODY_BYTES - held * declared
     wait_idle(service.port)
