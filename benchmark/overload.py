@@ -45,7 +45,7 @@ from PIL import Image
 
 from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction
 from benchmark.payload import load_image
-from benchmark.run import READY_TIMEOUT_S, acceptable_labels, cpu_model, measured_version, progress, write
+from benchmark.run import READY_TIMEOUT_S, acceptable_labels, measured_version, progress, run_identity, write
 from harness import REPO, docker
 from harness.launch import LaunchError, Running, free_port, service_container, service_process
 from weather import contract
@@ -444,16 +444,7 @@ def run(settings: OverloadSettings) -> dict:
 
     results: dict = {
         "setup": {
-            "run_id": run_id,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "git_sha": subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
-            ).stdout.strip(),
-            "host": {
-                "cpu_model": cpu_model(),
-                "cores": os.cpu_count(),
-                "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            },
+            **run_identity(run_id),
             "mode": settings.mode,
             "versions": {p: version(p) for p in ("bentoml", "onnxruntime", "locust")},
             "settings": {

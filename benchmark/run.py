@@ -177,9 +177,8 @@ def acceptable_labels(image: bytes) -> list[str]:
     ]
 
 
-def setup(settings: Settings, run_id: str, image: bytes, acceptable: list[str]) -> dict:
-    from importlib.metadata import version
-
+def run_identity(run_id: str) -> dict:
+    """What every results file starts with: which run, when, of which commit, on what machine."""
     return {
         "run_id": run_id,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -192,6 +191,14 @@ def setup(settings: Settings, run_id: str, image: bytes, acceptable: list[str]) 
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "kernel": platform.release(),
         },
+    }
+
+
+def setup(settings: Settings, run_id: str, image: bytes, acceptable: list[str]) -> dict:
+    from importlib.metadata import version
+
+    return {
+        **run_identity(run_id),
         "mode": settings.mode,
         "versions": {
             "python": platform.python_version(),
