@@ -202,9 +202,10 @@ def find_peak(running: Running, settings: OverloadSettings, image_path: Path, ou
 
 
 def overload_onset(peak_rps: float, settings: OverloadSettings) -> dict:
-    """From how many users on the policy sends 503s: when the queues are full, or when the wait
-    for a worker (users ahead ÷ peak rate) would pass the deadline, whichever comes first."""
-    queue = settings.policy("QUEUE_CAPACITY") * settings.cpus_per_service
+    """From how many users on the policy sends 503s: when the queues and the lines waiting for a
+    place in them are full (twice QUEUE_CAPACITY), or when the wait for a worker (users ahead ÷
+    peak rate) would pass the deadline, whichever comes first."""
+    queue = 2 * settings.policy("QUEUE_CAPACITY") * settings.cpus_per_service
     deadline = math.ceil(peak_rps * settings.policy("REQUEST_TIMEOUT_SECONDS"))
     return {
         "queue_full_at_users": queue,

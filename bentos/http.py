@@ -9,15 +9,17 @@ and reads bodies of any size. ``ContractGate`` is an ASGI middleware, added with
 metrics middleware, so the metrics count the status the client gets). On the predict
 routes it:
 
-* admits a request only if this worker holds fewer than QUEUE_CAPACITY (503 at its
-  headers otherwise, with Retry-After; its body is left to the server to discard);
+* gives a request a place if this worker holds fewer than QUEUE_CAPACITY; otherwise it
+  waits for one at its headers, its body unread, in arrival order (503 with Retry-After
+  at once if QUEUE_CAPACITY already wait; its body is left to the server to discard);
 * refuses before BentoML sees the request: a model that is not ready (503), a body over
   the limit (413), one that would take the bytes of bodies still arriving past
   MAX_PENDING_BODY_BYTES (503), one slower than BODY_TIMEOUT_SECONDS (408), a
   Content-Type the route does not take (415), for uploads anything but one file part
   named ``image``, and for raw bodies anything but a JPEG or PNG (400);
-* lets it run only once one of the worker's threads is free, in arrival order: 503 if
-  that has not happened within REQUEST_TIMEOUT_SECONDS, nothing run if the client left;
+* lets it run only once one of the worker's threads is free, in arrival order, and only
+  if it can be answered within REQUEST_TIMEOUT_SECONDS of its headers (503 otherwise,
+  judging by the recent run times); nothing is run if the client left;
 * rewrites every error BentoML answers into ``{"error": "..."}``, with a message that
   names the problem where BentoML's body allows it.
 
@@ -32,6 +34,7 @@ that changes them fails there instead of leaking to clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -110,19 +113,21 @@ class ContractGate:
             await self.app(scope, receive, _ContractErrors(send))
             return
         admission = self.admission
-        if admission.held >= admission.capacity:
-            await send_error(send, HTTPStatus.SERVICE_UNAVAILABLE, admission.full_message)
-            return
-        admission.held += 1
+        headers_at = asyncio.get_running_loop().time()
+        answer_by = headers_at + admission.timeout
         errors = _ContractErrors(send)
+        placed = False
         try:
             try:
-                await _check_ready()
                 headers = _headers(scope)
                 content_type = check.content_type(headers)
-                body = await self._read_body(headers, receive)
+                declared = _declared_length(headers, self.max_body_bytes)
+                await admission.enter(answer_by)
+                placed = True
+                await _check_ready(answer_by)
+                body = await self._read_body(declared, receive, headers_at + settings.BODY_TIMEOUT_SECONDS)
                 check.body(body, content_type)
-                await admission.start(receive)
+                errors.started = await admission.start(receive, answer_by)
             except RequestError as exc:
                 await send_error(send, exc.status, exc.message, close=exc.status == HTTPStatus.REQUEST_TIMEOUT)
                 return
@@ -133,25 +138,23 @@ class ContractGate:
         finally:
             if errors.admission is not None:
                 errors.admission = None
-                admission.finish()
-            admission.held -= 1
+                admission.finish(errors.started)
+            if placed:
+                admission.leave()
         if len(body) >= server.LARGE_BODY_BYTES:
             server.large_body_done()
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+    async def _read_body(self, declared: int, receive: Receive, body_by: float) -> bytes:
         """The body: 413 as soon as it is known to exceed the limit, 503 if the bytes of bodies
-        still arriving in this worker would exceed theirs (a declared length is reserved at
-        the headers, a chunked body as it grows), 408 if it is slower than BODY_TIMEOUT_SECONDS."""
+        still arriving in this worker would exceed theirs (a declared length is reserved
+        before reading, a chunked body as it grows), 408 if it is not in by ``body_by``
+        (BODY_TIMEOUT_SECONDS after its headers)."""
         limit, admission = self.max_body_bytes, self.admission
-        declared = headers.get(b"content-length", b"")
-        # The server has checked it is a number below 2^63 (bentos.server).
-        reserved = int(declared) if declared.isdigit() else 0
-        if reserved > limit:
-            raise _too_large(limit)
+        reserved = declared
         admission.reserve(reserved)
         chunks, size = [], 0
         try:
-            async with asyncio.timeout(settings.BODY_TIMEOUT_SECONDS):
+            async with asyncio.timeout_at(body_by):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
@@ -207,22 +210,49 @@ def _service_threads() -> int:
 
 
 class Admission:
-    """One worker's predict requests: how many it holds, the bytes of bodies still arriving,
-    and its run slots, granted in arrival order.
+    """One worker's predict requests: their places, the bytes of bodies still arriving, and
+    the run slots, each granted in arrival order.
 
-    Nothing here allocates for a request that finds a slot free; a request that waits gets
-    a future, a timer for its deadline and a task that notices its client leaving.
+    A request takes a place at its headers, or waits for one there with its body unread
+    (uvicorn stops reading a connection once 64 KiB of its body are buffered, so TCP holds
+    the client back), and keeps it until answered; then it takes a run slot once its body is
+    in. Every request is answered, or refused with 503, by its ``answer_by``: its headers
+    plus REQUEST_TIMEOUT_SECONDS. A run that would end after it is not started; how long a
+    run takes is the recent mean (``expected_run``).
+
+    Nothing here allocates for a request that finds a place and a slot free; one that waits
+    gets a future, a timer for its deadline and, for a slot, a task that notices its client
+    leaving.
     """
 
     def __init__(self, capacity: int, slots: int, timeout: float, max_pending: int) -> None:
         self.capacity = capacity
-        self.held = 0  # headers in, answer not yet complete
-        self.free = slots  # while > 0, nobody waits
+        self.held = 0  # places taken: headers in, answer not yet complete
+        self.entering: deque[asyncio.Future] = deque()  # waiting at their headers for a place
+        self.free = slots  # run slots; while > 0, nobody waits for one
         self.waiters: deque[asyncio.Future] = deque()
         self.timeout = timeout
+        self.expected_run = 0.0  # seconds: the mean of recent runs (slot taken to answer started)
         self.max_pending = max_pending
         self.pending = 0  # bytes reserved by bodies still arriving
-        self.full_message = f"the worker is full ({capacity} requests); retry later"
+        self.full_message = f"the worker is full ({capacity} requests, {capacity} more waiting); retry later"
+        self.late_message = f"the request could not be answered within {timeout:g} s; retry later"
+
+    async def enter(self, answer_by: float) -> None:
+        """Take a place: at once if one is free, else in turn, by ``answer_by``. RequestError
+        (503) at once if ``capacity`` requests already wait, or when the deadline passes."""
+        if self.held < self.capacity:
+            self.held += 1
+            return
+        if len(self.entering) >= self.capacity:
+            raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
+        if await self._wait(self.entering, answer_by, self.leave) is not _GRANTED:
+            raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def leave(self) -> None:
+        """A request's place is free: to the first request waiting at its headers, else back."""
+        if not _grant_first(self.entering):
+            self.held -= 1
 
     def reserve(self, size: int, already: int = 0) -> None:
         """Reserve ``size`` more bytes for a body that holds ``already``. A body alone may go
@@ -234,45 +264,77 @@ class Admission:
             )
         self.pending += size
 
-    async def start(self, receive: Receive) -> None:
-        """Take a run slot: at once if one is free, else in turn; RequestError if that takes
-        longer than the deadline, or if the client disconnects meanwhile."""
-        if self.free:
+    async def start(self, receive: Receive, answer_by: float) -> float:
+        """Take a run slot: at once if one is free, else in turn; RequestError (503) if the run
+        could not end by ``answer_by``, or if the client disconnects meanwhile. Returns when
+        the run starts, for ``finish``."""
+        loop = asyncio.get_running_loop()
+        start_by = answer_by - self.expected_run
+        if self.free and loop.time() <= start_by:
             self.free -= 1
-            return
+            return loop.time()
+        if not self.free:
+            # The body has been read, so receive() returns only when the client disconnects.
+            outcome = await self._wait(self.waiters, start_by, self.finish, receive)
+            if outcome is _GONE:
+                raise RequestError(
+                    "the client disconnected before the request could start", HTTPStatus.SERVICE_UNAVAILABLE
+                )
+            if outcome is _GRANTED:
+                if loop.time() <= answer_by - self.expected_run:  # the mean may have grown meanwhile
+                    return loop.time()
+                self.finish()
+        raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    def finish(self, started: float | None = None) -> None:
+        """A run slot is free again (its run began at ``started``, if it ran): to the first
+        request still waiting, else back to the pool."""
+        if started is not None:
+            run = asyncio.get_running_loop().time() - started
+            self.expected_run += RUN_WEIGHT * (run - self.expected_run)
+        if not _grant_first(self.waiters):
+            self.free += 1
+
+    async def _wait(
+        self, line: deque[asyncio.Future], until: float, give_back: Callable[[], None], receive: Receive | None = None
+    ) -> str:
+        """Wait in ``line`` to be granted (_GRANTED), until ``until`` (_TIMED_OUT), or, given
+        ``receive``, for the client to leave (_GONE)."""
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
-        self.waiters.append(waiter)
-        deadline = loop.call_later(self.timeout, _settle, waiter, _TIMED_OUT)
-        # The body has been read, so receive() returns only when the client disconnects.
-        gone = loop.create_task(_disconnected(receive))
-        gone.add_done_callback(lambda _: _settle(waiter, _GONE))
+        line.append(waiter)
+        deadline = loop.call_at(until, _settle, waiter, _TIMED_OUT)
+        gone = None
+        if receive is not None:
+            gone = loop.create_task(_disconnected(receive))
+            gone.add_done_callback(lambda _: _settle(waiter, _GONE))
         try:
-            outcome = await waiter
+            return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.result() is _GRANTED:
-                self.finish()
+                give_back()
             raise
         finally:
             deadline.cancel()
-            gone.cancel()
-        if outcome is _GRANTED:
-            return
-        if outcome is _GONE:
-            raise RequestError("the client disconnected before the request could start", HTTPStatus.SERVICE_UNAVAILABLE)
-        raise RequestError(
-            f"the request could not start within {self.timeout:g} s; retry later", HTTPStatus.SERVICE_UNAVAILABLE
-        )
+            if gone is not None:
+                gone.cancel()
+            if not waiter.done() or waiter.result() is not _GRANTED:
+                with contextlib.suppress(ValueError):
+                    line.remove(waiter)  # not granted: it no longer counts as waiting
 
-    def finish(self) -> None:
-        """A run slot is free again: to the first request still waiting, else back to the pool."""
-        waiters = self.waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(_GRANTED)
-                return
-        self.free += 1
+
+# The weight of the latest run in the mean run time (Admission.expected_run).
+RUN_WEIGHT = 0.25
+
+
+def _grant_first(line: deque[asyncio.Future]) -> bool:
+    """Grant the first waiter of ``line`` still waiting; False if there is none."""
+    while line:
+        waiter = line.popleft()
+        if not waiter.done():
+            waiter.set_result(_GRANTED)
+            return True
+    return False
 
 
 _GRANTED, _TIMED_OUT, _GONE = "granted", "timed out", "gone"
@@ -288,16 +350,27 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def _check_ready() -> None:
-    """503 if the model failed to load, or is still loading after MODEL_WAIT_SECONDS; decided
-    before the body is read. The wait is for a worker still loading while another one already
-    answers /readyz (a request may reach either)."""
+async def _check_ready(answer_by: float) -> None:
+    """503 if the model failed to load, or is still loading after MODEL_WAIT_SECONDS or at
+    ``answer_by``, whichever is first; decided before the body is read. The wait is for a
+    worker still loading while another one already answers /readyz (a request may reach either)."""
     classifier = getattr(bentoml.get_current_service(), "classifier", None)
     if classifier is None or classifier.ready:
         return
-    await anyio.to_thread.run_sync(classifier.wait, MODEL_WAIT_SECONDS)
+    wait = min(MODEL_WAIT_SECONDS, max(answer_by - asyncio.get_running_loop().time(), 0.0))
+    await anyio.to_thread.run_sync(classifier.wait, wait)
     if not classifier.ready:
         raise RequestError(classifier.not_ready_reason(), HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+def _declared_length(headers: dict[bytes, bytes], limit: int) -> int:
+    """The body's declared length (0 if chunked); 413 at once if it exceeds ``limit``."""
+    declared = headers.get(b"content-length", b"")
+    # The server has checked it is a number below 2^63 (bentos.server).
+    length = int(declared) if declared.isdigit() else 0
+    if length > limit:
+        raise _too_large(limit)
+    return length
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -458,12 +531,13 @@ class _ContractErrors:
         self.status = 0
         self.chunks: list[bytes] = []
         self.admission: Admission | None = None
+        self.started: float | None = None  # when its run began
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             if self.admission is not None:
                 self.admission, admission = None, self.admission
-                admission.finish()
+                admission.finish(self.started)
             self.status = message["status"]
             if self.status < 400:
                 await self.send(message)

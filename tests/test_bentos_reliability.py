@@ -294,14 +294,19 @@ class _Client:
         self.gone.set()
 
 
+def _by(seconds: float) -> float:
+    """An answer deadline ``seconds`` from now, on the running loop's clock."""
+    return asyncio.get_running_loop().time() + seconds
+
+
 def test_run_slots_are_granted_in_arrival_order():
     async def scenario() -> list[int]:
         admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
-        await admission.start(_Client().receive)  # the one slot
+        await admission.start(_Client().receive, _by(5))  # the one slot
         order = []
 
         async def request(index: int) -> None:
-            await admission.start(_Client().receive)
+            await admission.start(_Client().receive, _by(5))
             order.append(index)
             admission.finish()
 
@@ -310,7 +315,7 @@ def test_run_slots_are_granted_in_arrival_order():
         admission.finish()
         await asyncio.gather(*waiting)
         assert admission.free == 1
-        assert not [w for w in admission.waiters if not w.done()]
+        assert not admission.waiters
         return order
 
     assert _run(scenario()) == [0, 1, 2, 3, 4]
@@ -319,17 +324,79 @@ def test_run_slots_are_granted_in_arrival_order():
 def test_a_request_that_cannot_start_in_time_is_refused_and_its_slot_not_lost():
     async def scenario() -> None:
         admission = http.Admission(capacity=8, slots=1, timeout=0.05, max_pending=MIB)
-        await admission.start(_Client().receive)
+        await admission.start(_Client().receive, _by(0.05))
         started = time.monotonic()
         with pytest.raises(http.RequestError) as refused:
-            await admission.start(_Client().receive)
+            await admission.start(_Client().receive, _by(0.05))
         assert refused.value.status == 503
-        assert "could not start within 0.05 s" in refused.value.message
+        assert "could not be answered within 0.05 s" in refused.value.message
         assert time.monotonic() - started >= 0.04
-        admission.finish()  # the timed-out waiter is skipped: the slot goes back to the pool
+        assert not admission.waiters, "a refused waiter leaves the line"
+        admission.finish()  # the slot goes back to the pool
         assert admission.free == 1
-        await admission.start(_Client().receive)
+        await admission.start(_Client().receive, _by(0.05))
         assert admission.free == 0
+
+    _run(scenario())
+
+
+def test_a_run_that_would_end_after_the_deadline_is_not_started():
+    """The mean of recent runs says how long one takes: a request that could only start
+    later than its deadline minus that is refused then, not at the deadline."""
+
+    async def scenario() -> None:
+        admission = http.Admission(capacity=8, slots=1, timeout=1, max_pending=MIB)
+        admission.expected_run = 0.2
+        started = await admission.start(_Client().receive, _by(1))
+        waiting = time.monotonic()
+        with pytest.raises(http.RequestError) as refused:
+            await admission.start(_Client().receive, _by(0.3))  # could start at 0.1 s at most
+        assert 0.08 <= time.monotonic() - waiting < 0.25
+        assert refused.value.status == 503
+        with pytest.raises(http.RequestError):
+            await admission.start(_Client().receive, _by(0.1))  # past it already: at once
+        await asyncio.sleep(0.05)
+        admission.finish(started)  # a run of about 0.15 s brings the mean down
+        assert 0.15 < admission.expected_run < 0.2
+        assert admission.free == 1
+
+    _run(scenario())
+
+
+def test_places_are_taken_in_arrival_order_by_requests_waiting_at_their_headers():
+    """Beyond QUEUE_CAPACITY a request waits for a place, in turn, until its deadline; beyond
+    as many waiting, it is refused at once. A place freed goes to the first still waiting."""
+
+    async def scenario() -> None:
+        admission = http.Admission(capacity=2, slots=1, timeout=5, max_pending=MIB)
+        await admission.enter(_by(5))
+        await admission.enter(_by(5))
+        order = []
+
+        async def request(index: int, seconds: float) -> None:
+            await admission.enter(_by(seconds))
+            order.append(index)
+
+        first, late = asyncio.create_task(request(0, 5)), asyncio.create_task(request(1, 0.05))
+        await asyncio.sleep(0.01)
+        with pytest.raises(http.RequestError) as full:
+            await admission.enter(_by(5))  # two hold places, two wait: no room to wait
+        assert full.value.status == 503
+        assert "full" in full.value.message
+        with pytest.raises(http.RequestError) as refused:
+            await late
+        assert "could not be answered within 5 s" in refused.value.message
+        assert len(admission.entering) == 1, "the refused one left the line"
+        second = asyncio.create_task(request(2, 5))
+        await asyncio.sleep(0.01)
+        admission.leave()
+        admission.leave()
+        await asyncio.gather(first, second)
+        assert order == [0, 2]
+        assert admission.held == 2, "each place was handed over"
+        admission.leave()
+        admission.leave()
+        assert admission.held == 0
 
     _run(scenario())
 
@@ -337,10 +404,10 @@ def test_a_request_that_cannot_start_in_time_is_refused_and_its_slot_not_lost():
 def test_a_request_whose_client_leaves_while_waiting_is_not_started():
     async def scenario() -> None:
         admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
-        await admission.start(_Client().receive)
+        await admission.start(_Client().receive, _by(5))
         leaving, staying = _Client(), _Client()
-        left = asyncio.create_task(admission.start(leaving.receive))
-        stays = asyncio.create_task(admission.start(staying.receive))
+        left = asyncio.create_task(admission.start(leaving.receive, _by(5)))
+        stays = asyncio.create_task(admission.start(staying.receive, _by(5)))
         await asyncio.sleep(0.01)
         leaving.leave()
         with pytest.raises(http.RequestError) as refused:
@@ -356,8 +423,8 @@ def test_a_request_whose_client_leaves_while_waiting_is_not_started():
 def test_a_cancelled_waiter_gives_back_a_slot_it_was_granted():
     async def scenario() -> None:
         admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
-        await admission.start(_Client().receive)
-        waiter = asyncio.create_task(admission.start(_Client().receive))
+        await admission.start(_Client().receive, _by(5))
+        waiter = asyncio.create_task(admission.start(_Client().receive, _by(5)))
         await asyncio.sleep(0.01)
         admission.finish()  # granted to the waiter...
         waiter.cancel()  # ...which is cancelled before it runs (a shutdown's timeout)
@@ -470,18 +537,22 @@ def test_the_arbiter_bentoml_creates_is_the_patched_one():
 
 
 def test_a_full_worker_answers_503_at_the_headers_and_discards_the_body(service, photo):
-    """QUEUE_CAPACITY requests held (bodies still arriving count): one more gets 503 with
-    Retry-After at once, though its client writes the whole body first, and its connection
-    then serves the next request: the body was read and discarded, never parsed."""
-    port = service.port
+    """QUEUE_CAPACITY requests held (bodies still arriving count) and as many waiting for a
+    place: one more gets 503 with Retry-After at once, though its client writes the whole
+    body first, and its connection then serves the next request: the body was read and
+    discarded, never parsed. The waiting ones get 503 at their deadline."""
+    port, capacity = service.port, int(POLICY["QUEUE_CAPACITY"])
     wait_idle(port)
-    with stalled_uploads(port, int(POLICY["QUEUE_CAPACITY"])) as held, connect(port) as sock:
+    with stalled_uploads(port, 2 * capacity) as stalled, connect(port) as sock:
+        held, waiting = stalled[:capacity], stalled[capacity:]
         big = b"\xff\xd8\xff" + b"\x00" * (3 * MIB)
         sent = time.monotonic()
         sock.sendall(raw_post(big))
         reply = read_reply(sock, timeout_s=10)
         assert "full" in check_error(reply, 503)
         assert reply.at - sent < PROMPT_S, f"the 503 came {reply.at - sent:.2f} s after the headers"
+        for other in waiting:
+            assert "could not be answered within 1 s" in check_error(read_reply(other, timeout_s=10), 503)
         assert all(still_waiting(other) for other in held)
         for other in held:
             other.close()
@@ -490,9 +561,24 @@ def test_a_full_worker_answers_503_at_the_headers_and_discards_the_body(service,
         assert read_reply(sock, timeout_s=30).status == 200
 
 
+def test_a_request_beyond_the_capacity_waits_for_a_place(service, photo):
+    """With every place held, one more request waits at its headers, and is served as soon
+    as a place frees within its deadline."""
+    port, capacity = service.port, int(POLICY["QUEUE_CAPACITY"])
+    wait_idle(port)
+    with stalled_uploads(port, capacity) as held, connect(port) as sock:
+        sock.sendall(raw_post(photo))
+        time.sleep(0.3)
+        assert still_waiting(sock), "it must wait for a place, not be refused"
+        held[0].close()
+        reply = read_reply(sock, timeout_s=10)
+        assert reply.status == 200, reply.body[:300]
+
+
 def test_a_request_that_cannot_start_in_time_gets_503(service, heavy, heavy_cost_s):
-    """Heavy requests queued behind each other: those that could not start within
-    REQUEST_TIMEOUT_SECONDS get 503 once they have waited that long; the others are served."""
+    """Heavy requests queued behind each other: each is answered within REQUEST_TIMEOUT_SECONDS
+    of its headers. Those that could not be get 503 once waiting longer would not help (the
+    deadline less a run's time); the others are served."""
     port, deadline_s = service.port, 1.0
     count = min(int(POLICY["QUEUE_CAPACITY"]), 2 + math.ceil((deadline_s + 0.5) / heavy_cost_s))
     if (count - 1) * heavy_cost_s < deadline_s + 0.3:
@@ -518,8 +604,9 @@ def test_a_request_that_cannot_start_in_time_gets_503(service, heavy, heavy_cost
     late = [(took, reply) for took, reply in replies if reply.status != 200]
     assert late, f"all served: {summary}"
     for took, reply in late:
-        assert "could not start within 1 s" in check_error(reply, 503), summary
-        assert took >= deadline_s - EARLY_S, f"refused before the deadline: {summary}"
+        assert "could not be answered within 1 s" in check_error(reply, 503), summary
+        assert took >= deadline_s - heavy_cost_s - EARLY_S, f"refused too early: {summary}"
+    assert all(took <= deadline_s + EARLY_S for took, _ in replies), f"answered after the deadline: {summary}"
 
 
 def test_a_request_whose_client_has_gone_is_never_run(service, heavy, photo, heavy_cost_s):

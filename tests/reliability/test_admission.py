@@ -1,6 +1,6 @@
-"""Admission (docs/contract.md, "Under load"): a bounded queue per worker, a deadline to start,
-and no work for clients that have gone. Overload shows as 503s with Retry-After, never as
-connection errors."""
+"""Admission (docs/contract.md, "Under load"): a bounded queue per worker, with a bounded line
+waiting at the headers, a deadline to answer by, and no work for clients that have gone.
+Overload shows as 503s with Retry-After, never as connection errors."""
 
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def request_bytes(port: int, endpoint: str, image: bytes) -> bytes:
 
 
 def test_overload_is_503_with_retry_after_and_no_connection_errors(service, photo):
-    """Three times QUEUE_CAPACITY clients, each sending its next request as soon as it has an answer,
-    through all three endpoints: some are refused with 503 (JSON, Retry-After), every other one is
+    """Three times QUEUE_CAPACITY clients (a queue full, as many waiting for a place, and more),
+    each sending its next request as soon as it has an answer, through all three endpoints:
+    some are refused with 503 (JSON, Retry-After), every other one is
     a valid prediction, and no client sees a reset, a broken pipe or a connection closed unannounced."""
     wait_idle(service.port)
     clients = 3 * service.policy.QUEUE_CAPACITY
@@ -88,8 +89,9 @@ def test_overload_is_503_with_retry_after_and_no_connection_errors(service, phot
 
 def test_requests_that_cannot_start_in_time_get_503(service, heavy, cost_s):
     """QUEUE_CAPACITY heavy requests, sent one after the other: they fit the queue (none is refused
-    at its headers), but those that would start later than REQUEST_TIMEOUT_SECONDS get 503 with
-    Retry-After once they have waited that long, and the served ones waited at most the deadline."""
+    at its headers), but those that could not be answered within REQUEST_TIMEOUT_SECONDS of their
+    headers get 503 with Retry-After once waiting longer would not help (the deadline less a run's
+    time), and the served ones are answered within the deadline."""
     policy = service.policy
     count = policy.QUEUE_CAPACITY
     deadline_s = policy.REQUEST_TIMEOUT_SECONDS
@@ -134,14 +136,16 @@ def test_requests_that_cannot_start_in_time_get_503(service, heavy, cost_s):
     for outcome in late:
         check_busy(outcome.response, policy)
         waited = outcome.response.received_at - outcome.sent_at
-        # Not a refusal at the headers: the queue had room, so it waited for the deadline.
-        assert waited >= deadline_s - 0.25, f"a 503 after {waited:.2f} s, before the {deadline_s} s deadline: {summary}"
+        # Not a refusal at the headers: the queue had room, so it waited until it could no longer
+        # start a run that would end by the deadline.
+        assert waited >= deadline_s - heavy_cost_s - 0.25, f"a 503 after {waited:.2f} s, too early: {summary}"
     for outcome in outcomes:
         if outcome.response.status == 200:
             assert prediction_problem(outcome.response.body) is None
             took = outcome.response.received_at - outcome.sent_at
-            # Started within the deadline, then ran (its own cost, with slack for a shared machine).
-            assert took <= deadline_s + 2 * heavy_cost_s + 1.0, f"served after {took:.2f} s: {summary}"
+            # Answered by the deadline; slack for a mean run time that is still learning the
+            # heavy image's cost, and for a shared machine.
+            assert took <= deadline_s + heavy_cost_s + 0.5, f"served after {took:.2f} s: {summary}"
 
 
 def test_a_request_whose_client_has_gone_is_not_run(own_service, spare, medium, photo, cost_s):
