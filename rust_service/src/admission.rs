@@ -1,22 +1,32 @@
 //! Admission control (docs/contract.md, "Under load, slow clients, shutdown"): how many
-//! predict requests the service holds at once, and how many bytes the bodies still arriving
-//! may take.
+//! predict requests the service holds at once, how many more may wait for a place, and how
+//! many bytes the bodies still arriving may take.
 //!
-//! Both are decided at a request's headers, before its body is read, so that refusing one
-//! costs next to nothing: a refused body is never buffered or parsed. The counters are plain
-//! atomics shared by the HTTP threads; a [`Permit`] gives back what it took when dropped, so
-//! a request that ends any way (answered, failed, or its client gone and its handler
-//! dropped) releases its place.
+//! A request takes a place at its headers, before its body is read. One that finds every
+//! place taken waits there, its body unread, in arrival order, until a place frees or its
+//! deadline passes: the HTTP layer then stops reading its connection, so TCP holds the
+//! client back instead of the service refusing it over and over. At most as many wait as
+//! there are places; one more is refused at once. A [`Permit`] gives back what it took when
+//! dropped, so a request that ends any way (answered, failed, or its client gone and its
+//! handler dropped) releases its place; a waiting request whose handler is dropped leaves
+//! the line.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-/// The service's two budgets. Cheap to share: hold it in an `Arc`.
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The service's budgets. Cheap to share: hold it in an `Arc`.
 #[derive(Debug)]
 pub struct Admission {
     /// Predict requests held at once: body arriving, waiting for a worker, or running.
     capacity: usize,
-    held: AtomicUsize,
+    /// One permit per place. tokio's semaphore hands freed permits to its waiters in the
+    /// order they came, and works across the HTTP threads' runtimes.
+    places: Arc<Semaphore>,
+    /// Requests waiting for a place, at most `capacity`.
+    waiting: AtomicUsize,
     /// Requests admitted since start.
     admitted: AtomicU64,
     /// Bytes reserved by bodies still arriving.
@@ -24,34 +34,70 @@ pub struct Admission {
     pending_bytes: AtomicUsize,
 }
 
+/// Why a request got no place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every place is taken and as many requests already wait.
+    Full,
+    /// No place freed before the request's deadline.
+    TimedOut,
+}
+
 impl Admission {
     pub fn new(capacity: usize, max_pending_bytes: usize) -> Arc<Self> {
+        let capacity = capacity.min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
             capacity,
-            held: AtomicUsize::new(0),
+            places: Arc::new(Semaphore::new(capacity)),
+            waiting: AtomicUsize::new(0),
             admitted: AtomicU64::new(0),
             max_pending_bytes,
             pending_bytes: AtomicUsize::new(0),
         })
     }
 
-    /// A place for one more request, or None when all are taken.
+    /// A place for one more request now, or None when all are taken (or promised to
+    /// requests already waiting).
     pub fn try_admit(self: &Arc<Self>) -> Option<Permit> {
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held < self.capacity).then_some(held + 1)
-            })
-            .ok()?;
+        let place = Arc::clone(&self.places).try_acquire_owned().ok()?;
+        Some(self.permit(place))
+    }
+
+    /// A place for one more request: at once if one is free, else after the requests
+    /// already waiting, as soon as one frees. [`Refused::Full`] at once when `capacity`
+    /// requests already wait, [`Refused::TimedOut`] when no place has freed by `until`.
+    /// Must run on a Tokio runtime with a timer (any actix-web worker thread).
+    pub async fn admit(self: &Arc<Self>, until: Instant) -> Result<Permit, Refused> {
+        if let Some(permit) = self.try_admit() {
+            return Ok(permit);
+        }
+        let _in_line = InLine::join(self).ok_or(Refused::Full)?;
+        let place = Arc::clone(&self.places).acquire_owned();
+        match tokio::time::timeout_at(until.into(), place).await {
+            Ok(Ok(place)) => Ok(self.permit(place)),
+            // The semaphore is never closed; were it, there would be no place to wait for.
+            Ok(Err(_)) => Err(Refused::Full),
+            Err(_) => Err(Refused::TimedOut),
+        }
+    }
+
+    fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
         self.admitted.fetch_add(1, Ordering::Relaxed);
-        Some(Permit {
+        Permit {
             admission: Arc::clone(self),
             reserved: 0,
-        })
+            _place: place,
+        }
     }
 
     /// Requests held now.
     pub fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
+        self.capacity - self.places.available_permits()
+    }
+
+    /// Requests waiting for a place now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
     }
 
     /// Requests admitted since start.
@@ -65,11 +111,36 @@ impl Admission {
     }
 }
 
+/// One request counted among those waiting, until it is dropped: when it got its place,
+/// timed out, or its handler was dropped mid-wait because its client left.
+struct InLine<'a>(&'a AtomicUsize);
+
+impl<'a> InLine<'a> {
+    /// None when `capacity` requests already wait.
+    fn join(admission: &'a Admission) -> Option<Self> {
+        admission
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
+                (waiting < admission.capacity).then_some(waiting + 1)
+            })
+            .ok()?;
+        Some(Self(&admission.waiting))
+    }
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One admitted request's place, and the bytes its body has reserved while arriving.
 #[derive(Debug)]
 pub struct Permit {
     admission: Arc<Admission>,
     reserved: usize,
+    /// Given back to the semaphore, and so to the first request waiting, when dropped.
+    _place: OwnedSemaphorePermit,
 }
 
 impl Permit {
@@ -100,14 +171,21 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        // The place itself goes back when `_place` is dropped, right after.
         self.body_complete();
-        self.admission.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
+    use std::time::Duration;
+
+    /// A deadline no test reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(600)
+    }
 
     #[test]
     fn admits_up_to_the_capacity_and_frees_places_on_drop() {
@@ -171,5 +249,103 @@ mod tests {
         });
         assert_eq!(admitted, 8, "never more than the capacity");
         assert_eq!(admission.held(), 0);
+    }
+
+    // The futures below are polled by hand (`now_or_never`), so that each test decides
+    // exactly when a request joins the line and when it looks again for its place.
+
+    #[actix_web::test]
+    async fn a_request_beyond_the_capacity_waits_for_a_freed_place_in_arrival_order() {
+        let admission = Admission::new(2, 100);
+        let first = admission.try_admit().expect("room for 1");
+        let second = admission
+            .admit(far())
+            .now_or_never()
+            .expect("a free place is taken at once")
+            .expect("room for 2");
+        let mut a = Box::pin(admission.admit(far()));
+        let mut b = Box::pin(admission.admit(far()));
+        assert!((&mut a).now_or_never().is_none(), "a waits");
+        assert!((&mut b).now_or_never().is_none(), "b waits, behind a");
+        assert_eq!(admission.waiting(), 2);
+        assert_eq!(admission.held(), 2);
+
+        drop(second);
+        assert!(
+            admission.try_admit().is_none(),
+            "a newcomer does not jump the line"
+        );
+        assert!((&mut b).now_or_never().is_none(), "the freed place is a's");
+        let a_permit = (&mut a)
+            .now_or_never()
+            .expect("a has its place")
+            .expect("admitted");
+        assert_eq!(admission.waiting(), 1);
+
+        drop(first);
+        let b_permit = (&mut b)
+            .now_or_never()
+            .expect("b has its place")
+            .expect("admitted");
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.held(), 2);
+        drop((a_permit, b_permit));
+        assert_eq!(admission.held(), 0);
+        assert_eq!(admission.admitted(), 4);
+    }
+
+    #[actix_web::test]
+    async fn one_beyond_the_places_and_as_many_waiting_is_refused_at_once() {
+        let admission = Admission::new(1, 100);
+        let _held = admission.try_admit().expect("the one place");
+        let mut waiting = Box::pin(admission.admit(far()));
+        assert!((&mut waiting).now_or_never().is_none(), "one may wait");
+        let refused = admission.admit(far()).now_or_never();
+        assert!(
+            matches!(refused, Some(Err(Refused::Full))),
+            "a second may not: {refused:?}"
+        );
+        assert_eq!(
+            admission.waiting(),
+            1,
+            "the refused one never joined the line"
+        );
+
+        let none = Admission::new(0, 100);
+        let refused = none.admit(far()).now_or_never();
+        assert!(matches!(refused, Some(Err(Refused::Full))), "{refused:?}");
+    }
+
+    #[actix_web::test]
+    async fn a_waiting_request_times_out_at_its_deadline() {
+        let admission = Admission::new(1, 100);
+        let _held = admission.try_admit().expect("the one place");
+        let until = Instant::now() + Duration::from_millis(100);
+        let waited = admission.admit(until).await;
+        assert!(matches!(waited, Err(Refused::TimedOut)), "{waited:?}");
+        assert!(Instant::now() >= until, "not before its deadline");
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.held(), 1);
+    }
+
+    #[actix_web::test]
+    async fn a_dropped_waiter_leaves_the_line_and_any_place_it_was_given() {
+        let admission = Admission::new(1, 100);
+        let held = admission.try_admit().expect("the one place");
+        let mut gone = Box::pin(admission.admit(far()));
+        assert!((&mut gone).now_or_never().is_none());
+        assert_eq!(admission.waiting(), 1);
+        drop(gone);
+        assert_eq!(admission.waiting(), 0, "its client left");
+
+        // Given the freed place, but dropped before it looked: the place is not lost.
+        let mut gone = Box::pin(admission.admit(far()));
+        assert!((&mut gone).now_or_never().is_none());
+        drop(held);
+        assert_eq!(admission.held(), 1, "promised to the one waiting");
+        drop(gone);
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.held(), 0);
+        assert!(admission.try_admit().is_some());
     }
 }

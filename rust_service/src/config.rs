@@ -49,14 +49,17 @@ pub struct Config {
     pub max_pixels: u64,
 
     /// Predict requests held at once per inference worker, counting those whose body is
-    /// still arriving, those waiting and those running. One more is answered 503 as soon as
-    /// its headers arrive; its body is read and discarded, never parsed.
+    /// still arriving, those waiting for a worker and those running. One more waits at its
+    /// headers, its body unread, until a place frees (first come, first served); as many
+    /// may wait. One beyond those is answered 503 as soon as its headers arrive; its body is
+    /// read and discarded, never parsed.
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
 
-    /// Seconds a request whose body has arrived may wait for an inference worker; one that
-    /// has not started by then is answered 503 and never run.
+    /// Seconds from a request's headers to its answer. One still waiting for a place then
+    /// is answered 503; so is one that an inference worker, judging by its recent run
+    /// times, could not finish by then, and it is never run.
     #[arg(long, env = "REQUEST_TIMEOUT_SECONDS", default_value_t = 2,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_seconds: u64,

@@ -66,14 +66,16 @@ pub enum AppError {
     /// The decoders' own error, whose text is the client's message as it is.
     #[error(transparent)]
     Image(#[from] ImageError),
-    /// Admission: the service holds as many predict requests as it may.
+    /// Admission: the service holds as many predict requests as it may, and as many more
+    /// already wait for a place.
     #[error("the server is overloaded; retry later")]
     Overloaded,
     /// Admission: the bodies still arriving hold all the memory they may.
     #[error("too many request bodies are arriving at once; retry later")]
     TooManyBodiesArriving,
-    /// The request waited for an inference worker longer than the request timeout.
-    #[error("the request could not start within {}s; retry later", .within.as_secs_f64())]
+    /// The request could not be answered within the request timeout of its headers: no
+    /// place freed in time, or the worker that took it could not have finished it in time.
+    #[error("the request could not be answered within {} s; retry later", .within.as_secs_f64())]
     NotStarted { within: Duration },
     #[error("the model is not ready")]
     NotReady,
@@ -365,7 +367,7 @@ mod tests {
                 within: Duration::from_millis(2500)
             }
             .to_string(),
-            "the request could not start within 2.5s; retry later"
+            "the request could not be answered within 2.5 s; retry later"
         );
         assert_eq!(
             AppError::BodyTimeout {

@@ -4,8 +4,8 @@
 //!
 //! A predict request goes through [`receive`] first: what its headers decide (media type,
 //! declared length, admission) is decided before its body is read, and a refused body is
-//! read and thrown away, never parsed. See docs/contract.md, "Under load, slow clients,
-//! shutdown".
+//! read and thrown away, never parsed. A request that finds every place taken waits for one
+//! with its body unread. See docs/contract.md, "Under load, slow clients, shutdown".
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +23,7 @@ use actix_web::{App, HttpRequest, HttpResponse, ResponseError};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
-use crate::admission::{Admission, Permit};
+use crate::admission::{Admission, Permit, Refused};
 use crate::body::{self, BodyKind};
 use crate::error::AppError;
 use crate::infer::Inferencer;
@@ -53,7 +53,8 @@ pub struct Limits {
     pub discard_body_bytes: usize,
     /// From the headers to the end of the body.
     pub body_timeout: Duration,
-    /// From the end of the body to the start on an inference worker.
+    /// From the headers to the answer: a request still waiting for a place then, or that a
+    /// worker could not finish by then, gets 503.
     pub request_timeout: Duration,
     /// The `Retry-After` of every 503.
     pub retry_after_seconds: u32,
@@ -215,8 +216,8 @@ struct Received {
     /// Its place among the requests held, kept until it is answered.
     permit: Permit,
     body: BytesMut,
-    /// When the body was in, from which the request timeout counts.
-    arrived: Instant,
+    /// When its headers were in, from which the request timeout counts.
+    headers_at: Instant,
 }
 
 /// A predict request refused before its body was read whole.
@@ -269,11 +270,12 @@ impl Refusal {
 
 /// Admits a predict request for an endpoint that takes `kind` and reads its body, or
 /// refuses it. In order, at the headers: the media type (415/400) and the declared length
-/// (400/413), the request's place (503) and the bytes its declared body reserves (503);
-/// then while the body arrives: its size (413), the bytes a chunked one reserves (503) and
-/// the body timeout (408). A body refused before it was read whole is read and thrown away,
-/// up to `discard_body_bytes` and the body timeout, before the answer, unless the client
-/// sent `Expect: 100-continue`.
+/// (400/413); then the request's place, waited for with the body unread if none is free
+/// (503 at once when as many already wait, 503 if none frees within the request timeout);
+/// then the bytes its declared body reserves (503); then while the body arrives: its size
+/// (413), the bytes a chunked one reserves (503) and the body timeout (408). A body refused
+/// before it was read whole is read and thrown away, up to `discard_body_bytes` and the
+/// body timeout, before the answer, unless the client sent `Expect: 100-continue`.
 async fn receive(
     state: &AppState,
     req: &HttpRequest,
@@ -284,17 +286,8 @@ async fn receive(
     let headers_at = Instant::now();
     let deadline = headers_at + limits.body_timeout;
     let mut payload = payload.into_inner();
-    let admitted =
-        body::check_headers(req.headers(), kind, limits.max_body_bytes).and_then(|declared| {
-            let mut permit = state.admission.try_admit().ok_or(AppError::Overloaded)?;
-            if permit.reserve(declared.unwrap_or(0)) {
-                Ok((permit, declared))
-            } else {
-                Err(AppError::TooManyBodiesArriving)
-            }
-        });
-    let (mut permit, declared) = match admitted {
-        Ok(admitted) => admitted,
+    let declared = match body::check_headers(req.headers(), kind, limits.max_body_bytes) {
+        Ok(declared) => declared,
         // A length that large is no body to wait for.
         Err(error @ AppError::InvalidContentLength) => {
             return Err(Refusal {
@@ -304,6 +297,31 @@ async fn receive(
         }
         Err(error) => return Err(refuse(error, payload, req, limits, deadline).await),
     };
+    // The payload is not polled while the request waits: once its small buffer is full,
+    // actix-http stops reading the connection, so TCP holds the client back rather than
+    // the service taking in a body it cannot serve yet.
+    let admitted = state
+        .admission
+        .admit(headers_at + limits.request_timeout)
+        .await;
+    let mut permit = match admitted {
+        Ok(permit) => permit,
+        Err(refused) => {
+            let error = match refused {
+                Refused::Full => AppError::Overloaded,
+                Refused::TimedOut => AppError::NotStarted {
+                    within: limits.request_timeout,
+                },
+            };
+            return Err(refuse(error, payload, req, limits, deadline).await);
+        }
+    };
+    if !permit.reserve(declared.unwrap_or(0)) {
+        // Refused: the body thrown away does not hold a place.
+        drop(permit);
+        let error = AppError::TooManyBodiesArriving;
+        return Err(refuse(error, payload, req, limits, deadline).await);
+    }
     let read = body::read(
         &mut payload,
         declared,
@@ -318,7 +336,7 @@ async fn receive(
             Ok(Received {
                 permit,
                 body,
-                arrived: Instant::now(),
+                headers_at,
             })
         }
         Err(error @ AppError::BodyTimeout { .. }) => Err(Refusal {
@@ -363,14 +381,14 @@ async fn predict(
     let Received {
         permit,
         body,
-        arrived,
+        headers_at,
     } = match receive(&state, &req, payload, BodyKind::Json).await {
         Ok(received) => received,
         Err(refusal) => return Ok(refusal.into_response()),
     };
     let image = body::parse_predict_request(&body)?;
     drop(body);
-    answer(&state, permit, image, arrived).await
+    answer(&state, permit, image, headers_at).await
 }
 
 async fn predict_upload(
@@ -383,7 +401,7 @@ async fn predict_upload(
         Err(refusal) => return Ok(refusal.into_response()),
     };
     let image = body::image_from_multipart(req.headers(), received.body.freeze()).await?;
-    answer(&state, received.permit, image, received.arrived).await
+    answer(&state, received.permit, image, received.headers_at).await
 }
 
 async fn predict_raw(
@@ -396,7 +414,7 @@ async fn predict_raw(
         Err(refusal) => return Ok(refusal.into_response()),
     };
     let image = received.body.into();
-    answer(&state, received.permit, image, received.arrived).await
+    answer(&state, received.permit, image, received.headers_at).await
 }
 
 /// Where every predict route ends once it has the image's bytes, so that the same image
@@ -406,9 +424,9 @@ async fn answer(
     state: &AppState,
     permit: Permit,
     image: Vec<u8>,
-    arrived: Instant,
+    headers_at: Instant,
 ) -> Result<HttpResponse, AppError> {
-    let probabilities = state.inferencer.predict(image, arrived).await?;
+    let probabilities = state.inferencer.predict(image, headers_at).await?;
     drop(permit);
     let prediction = Prediction::new(&state.labels, &probabilities)?;
     Ok(HttpResponse::Ok().json(prediction))
@@ -535,8 +553,11 @@ mod tests {
     use crate::body::test_support::{body as multipart_body, content_type, field, file};
     use crate::infer::testing::FakeModel;
     use crate::infer::Batching;
+    use actix_web::error::PayloadError;
     use actix_web::test::{self, TestRequest};
-    use futures_util::{stream, StreamExt};
+    use futures_util::{stream, FutureExt, StreamExt};
+    use std::cell::Cell;
+    use std::rc::Rc;
 
     const PHOTO: &[u8] = include_bytes!("../tests/fixtures/rgb_420.jpg");
     const LIMIT: usize = LIMITS.max_body_bytes;
@@ -785,10 +806,22 @@ mod tests {
         Payload::from(chunks.boxed_local())
     }
 
+    /// Waits, without blocking the test's runtime, until `done`.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[actix_web::test]
-    async fn a_request_over_the_capacity_gets_503_at_its_headers_without_its_body_parsed() {
+    async fn a_request_beyond_the_places_and_the_line_gets_503_at_its_headers_unparsed() {
         let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 1, 1 << 20);
         let held = state.admission.try_admit().expect("the one place");
+        let far = Instant::now() + Duration::from_secs(600);
+        let mut waiting = Box::pin(state.admission.admit(far));
+        assert!((&mut waiting).now_or_never().is_none(), "the one in line");
         // Not even JSON: had it been parsed, it would be a 400.
         let (status, headers, json) = call_full(&state, json_request("not json"), None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
@@ -797,11 +830,73 @@ mod tests {
             headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
             Some(&b"1"[..])
         );
-        drop(held);
+        drop((waiting, held));
         let (status, json) = call_with(&state, json_request(photo_json()), None).await;
         assert_eq!(status, StatusCode::OK, "{json}");
         assert_eq!(state.admission.held(), 0, "every place given back");
         assert_eq!(state.admission.pending_bytes(), 0);
+    }
+
+    #[actix_web::test]
+    async fn a_request_without_a_place_waits_with_its_body_unread_until_one_frees() {
+        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 1, 1 << 20);
+        let held = state.admission.try_admit().expect("the one place");
+        let app = test::init_service(app(state.clone())).await;
+        // A body that counts how often it is polled.
+        let polls = Rc::new(Cell::new(0usize));
+        let counted = {
+            let polls = Rc::clone(&polls);
+            let mut body = Some(Bytes::from_static(PHOTO));
+            stream::poll_fn(move |_| {
+                polls.set(polls.get() + 1);
+                Poll::Ready(body.take().map(Ok::<_, PayloadError>))
+            })
+        };
+        let mut req = TestRequest::post()
+            .uri(PREDICT_RAW)
+            .insert_header((header::CONTENT_TYPE, "image/jpeg"))
+            .to_request();
+        *req.payload() = Payload::from(counted.boxed_local());
+        let second = test::call_service(&app, req);
+        let first_ends = async {
+            until("the second to wait", || state.admission.waiting() == 1).await;
+            // Time to read its body, were it going to.
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(polls.get(), 0, "its body is not read while it waits");
+            assert_eq!(state.admission.pending_bytes(), 0, "nor reserved");
+            drop(held);
+        };
+        let (second, ()) = futures_util::future::join(second, first_ends).await;
+        assert_eq!(second.status(), StatusCode::OK);
+        assert!(polls.get() > 0, "read once it had the place");
+        assert_eq!(state.admission.waiting(), 0);
+        assert_eq!(state.admission.held(), 0);
+    }
+
+    #[actix_web::test]
+    async fn a_request_still_waiting_for_a_place_at_its_deadline_gets_503() {
+        let limits = Limits {
+            request_timeout: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let state = state_with(Inferencer::fake(Batching::OFF), limits, 1, 1 << 20);
+        let _held = state.admission.try_admit().expect("the one place");
+        let started = Instant::now();
+        let (status, headers, json) = call_full(&state, raw(Some("image/jpeg"), PHOTO), None).await;
+        let waited = started.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{json}");
+        assert_eq!(
+            error_of(&json),
+            "the request could not be answered within 0.2 s; retry later"
+        );
+        assert_eq!(
+            headers.get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert!(waited >= Duration::from_millis(200), "after {waited:?}");
+        assert!(waited < Duration::from_secs(5), "after {waited:?}");
+        assert_eq!(state.admission.waiting(), 0);
+        assert_eq!(state.admission.held(), 1, "only the place held all along");
     }
 
     #[actix_web::test]
@@ -832,8 +927,10 @@ mod tests {
 
     #[actix_web::test]
     async fn client_errors_at_the_headers_come_before_admission() {
-        // A full service still tells a client its request is wrong.
-        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 0, 1 << 20);
+        // A full service still tells a client its request is wrong, at once: such a request
+        // does not wait for a place (it would get 503 after the 30 s request timeout).
+        let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 1, 1 << 20);
+        let _held = state.admission.try_admit().expect("the one place");
         let (status, _) = call_with(&state, raw(Some("text/plain"), PHOTO), None).await;
         assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
         let (status, _) = call_with(&state, raw(Some("image/png"), &[0; LIMIT + 1]), None).await;
@@ -965,7 +1062,7 @@ mod tests {
             serde_json::from_slice(&test::read_body(second).await).expect("JSON");
         assert_eq!(
             error_of(&json),
-            "the request could not start within 0.2s; retry later"
+            "the request could not be answered within 0.2 s; retry later"
         );
         assert!(gate.started.try_recv().is_err(), "the second never started");
         assert_eq!(state.admission.held(), 0);

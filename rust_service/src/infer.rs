@@ -3,8 +3,10 @@
 //! (decode, resize, crop, run), fed by one bounded queue with a oneshot reply per job.
 //! Admission (admission.rs) keeps the queue from filling; a full one is still answered at
 //! once with 503 instead of piling up latency. A worker never starts a job whose client is
-//! gone, nor one that waited past its deadline (the request timeout): that one is answered
-//! 503, so the requests that are run waited at most the timeout.
+//! gone, nor one it could not finish by its deadline (the request timeout from the
+//! request's headers), judging by how long its own recent runs took: that one is answered
+//! 503, so the requests that are run are answered within the timeout, give or take how far
+//! a run strays from the recent mean.
 //!
 //! Adaptive batching (off unless `Batching::max_size` > 1): a worker that takes a job waits
 //! a little for more ([`gather`]) and runs their images through the model at once. Each
@@ -36,7 +38,7 @@ pub struct WorkerOptions {
     pub intra_threads: usize,
     /// Jobs queued at most, in all.
     pub queue_capacity: usize,
-    /// How long a job may wait to start (see [`Inferencer::predict`]).
+    /// How long after its headers a request must be answered (see [`Inferencer::predict`]).
     pub request_timeout: Duration,
     pub max_pixels: u64,
     pub batching: Batching,
@@ -64,8 +66,9 @@ type Reply = oneshot::Sender<Result<Vec<f32>, AppError>>;
 struct Job {
     image: Vec<u8>,
     reply: Reply,
-    /// Not started by then, the job is answered 503 instead.
-    start_by: Instant,
+    /// When it must be answered: a worker that could not finish it by then answers 503
+    /// instead of starting it.
+    answer_by: Instant,
 }
 
 /// The handle request handlers use; cheap to clone.
@@ -79,18 +82,18 @@ impl Inferencer {
     /// Runs one encoded image (JPEG/PNG bytes) through preprocessing and the model and
     /// returns the probabilities in label order.
     ///
-    /// `arrived` is when the request's body was in: a job not started by a worker within
-    /// the request timeout of it is answered [`AppError::NotStarted`] and never run.
-    /// Dropping the future (the client went away) before a worker takes the job means it
-    /// is never run either.
-    pub async fn predict(&self, image: Vec<u8>, arrived: Instant) -> Result<Vec<f32>, AppError> {
+    /// `headers_at` is when the request's headers were in: a job that the worker taking it
+    /// expects not to finish within the request timeout of them is answered
+    /// [`AppError::NotStarted`] and never run. Dropping the future (the client went away)
+    /// before a worker takes the job means it is never run either.
+    pub async fn predict(&self, image: Vec<u8>, headers_at: Instant) -> Result<Vec<f32>, AppError> {
         let (reply, answer) = oneshot::channel();
-        let start_by = arrived + self.request_timeout;
+        let answer_by = headers_at + self.request_timeout;
         self.jobs
             .try_send(Job {
                 image,
                 reply,
-                start_by,
+                answer_by,
             })
             .map_err(|err| match err {
                 TrySendError::Full(_) => AppError::Overloaded,
@@ -153,7 +156,8 @@ pub fn start(
                 drop(model_bytes);
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                serve(&mut predictor, &queue, batching, request_timeout);
+                let warm_up = predictor.warm_up_run();
+                serve(&mut predictor, &queue, batching, request_timeout, warm_up);
             })
             .map_err(StartupError::SpawnWorker)?;
         handles.push(handle);
@@ -215,19 +219,32 @@ trait BatchModel {
     fn reset_buffers(&mut self);
 }
 
+/// How much of a worker's expected run time its latest run makes up.
+const RUN_TIME_WEIGHT: f64 = 0.25;
+
+/// A worker's expected run time once a run took `latest`: the exponentially weighted mean
+/// of its runs.
+fn expected_after(expected: Duration, latest: Duration) -> Duration {
+    expected.mul_f64(1.0 - RUN_TIME_WEIGHT) + latest.mul_f64(RUN_TIME_WEIGHT)
+}
+
 /// A worker's loop, until the queue is closed and drained: gather a batch, prepare each
 /// image (answering the bad ones at once), run the rest together, answer them. A job is
-/// started when its image is prepared; one whose client is gone, or that is past its
-/// `start_by`, is not.
+/// started when its image is prepared; one whose client is gone, or that this worker would
+/// not finish by its `answer_by`, is not. What the worker expects a run to take is the
+/// mean of its recent runs (from taking the jobs to having their probabilities), starting
+/// at `warm_up`, its warm-up run's time.
 fn serve<M: BatchModel>(
     model: &mut M,
     queue: &Receiver<Job>,
     batching: Batching,
     request_timeout: Duration,
+    warm_up: Duration,
 ) {
     // Both reused from batch to batch; no allocation per request once they have grown.
     let mut jobs = Vec::new();
     let mut prepared: Vec<Reply> = Vec::new(); // in input slot order
+    let mut expected_run = warm_up;
     while gather(queue, batching, &mut jobs) {
         let started = Instant::now();
         let gathered = jobs.len();
@@ -235,8 +252,8 @@ fn serve<M: BatchModel>(
             if job.reply.is_closed() {
                 continue; // the client went away while the job waited
             }
-            if Instant::now() > job.start_by {
-                // Running it now would make it late and every job behind it later still.
+            if Instant::now() + expected_run > job.answer_by {
+                // Running it would answer it late, and every job behind it later still.
                 let _ = job.reply.send(Err(AppError::NotStarted {
                     within: request_timeout,
                 }));
@@ -263,6 +280,9 @@ fn serve<M: BatchModel>(
         }
         match catch_unwind(AssertUnwindSafe(|| model.run(size))) {
             Ok(Ok(())) => {
+                // Only runs that gave probabilities count: a failed one says nothing about
+                // how long the next will take.
+                expected_run = expected_after(expected_run, started.elapsed());
                 let probabilities = model.probabilities().chunks_exact(model.labels());
                 // Were the output short, the replies left in the drain would be dropped:
                 // those requests would get a 500, never hang.
@@ -285,6 +305,7 @@ fn serve<M: BatchModel>(
             jobs = gathered,
             batch = size,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            expected_ms = expected_run.as_secs_f64() * 1e3,
             "batch done"
         );
     }
@@ -306,6 +327,8 @@ pub struct Predictor {
     input: Vec<u8>,
     /// The last run's probabilities, one row per image.
     output: Vec<f32>,
+    /// How long the last warm-up run took.
+    warm_up: Duration,
 }
 
 impl Predictor {
@@ -338,10 +361,12 @@ impl Predictor {
             scratch: Scratch::default(),
             input: vec![0; INPUT_LEN],
             output: Vec::with_capacity(spec.labels.len()),
+            warm_up: Duration::ZERO,
         };
         // Warm-up: the first run allocates ONNX Runtime's buffers; do it before traffic.
-        let probabilities = worker.run(1).map_err(StartupError::WarmUp)?;
-        let total: f32 = probabilities.iter().sum();
+        let warm_up_started = Instant::now();
+        let total: f32 = worker.run(1).map_err(StartupError::WarmUp)?.iter().sum();
+        worker.warm_up = warm_up_started.elapsed();
         if (total - 1.0).abs() > 1e-3 {
             return Err(StartupError::NotADistribution {
                 output: spec.probabilities_name.clone(),
@@ -374,8 +399,17 @@ impl Predictor {
         }
         self.input.resize(size * INPUT_LEN, 0);
         self.output.reserve(size * self.num_labels);
+        let started = Instant::now();
         self.run(size).map_err(StartupError::WarmUp)?;
+        self.warm_up = started.elapsed();
         Ok(())
+    }
+
+    /// How long the last warm-up run took: of one image, or of the largest batch once
+    /// [`Predictor::reserve_batch`] has run one. A worker expects its first runs to take
+    /// about as long.
+    pub fn warm_up_run(&self) -> Duration {
+        self.warm_up
     }
 
     /// Encoded JPEG/PNG bytes → probabilities in label order.
@@ -553,6 +587,9 @@ pub(crate) mod testing {
         output: Vec<f32>,
         fail_runs_of: Option<(usize, Failure)>,
         gate: Option<Gate>,
+        /// How long each run takes, slept through; also what its warm-up took, for the
+        /// worker's first estimate.
+        pub run_time: Duration,
         /// How many images it was asked to prepare.
         pub prepared: usize,
         /// The size of each run.
@@ -579,6 +616,14 @@ pub(crate) mod testing {
         pub fn failing(size: usize, failure: Failure) -> Self {
             Self {
                 fail_runs_of: Some((size, failure)),
+                ..Self::default()
+            }
+        }
+
+        /// One whose every run takes `run_time`.
+        pub fn taking(run_time: Duration) -> Self {
+            Self {
+                run_time,
                 ..Self::default()
             }
         }
@@ -625,6 +670,7 @@ pub(crate) mod testing {
 
         fn run(&mut self, size: usize) -> Result<(), String> {
             self.runs.push(size);
+            std::thread::sleep(self.run_time);
             match self.fail_runs_of {
                 Some((n, Failure::Error)) if n == size => return Err("no luck".into()),
                 Some((n, Failure::Panic)) if n == size => panic!("the model panicked"),
@@ -659,15 +705,19 @@ pub(crate) mod testing {
             Self::fake_with(FakeModel::default(), batching, Duration::from_secs(60))
         }
 
-        /// An inferencer whose one worker serves `model`, starting jobs at most
-        /// `request_timeout` after their body arrived.
+        /// An inferencer whose one worker serves `model`, answering jobs at most
+        /// `request_timeout` after their headers, and expecting its first runs to take the
+        /// model's `run_time`.
         pub(crate) fn fake_with(
             mut model: FakeModel,
             batching: Batching,
             request_timeout: Duration,
         ) -> Self {
             let (jobs, queue) = crossbeam_channel::bounded(64);
-            std::thread::spawn(move || serve(&mut model, &queue, batching, request_timeout));
+            let warm_up = model.run_time;
+            std::thread::spawn(move || {
+                serve(&mut model, &queue, batching, request_timeout, warm_up)
+            });
             Self {
                 jobs,
                 request_timeout,
@@ -787,14 +837,14 @@ mod tests {
                 tx.send(Job {
                     image: image.to_vec(),
                     reply,
-                    start_by: Instant::now() + WAIT,
+                    answer_by: Instant::now() + WAIT,
                 })
                 .expect("send");
                 answer
             })
             .collect();
         drop(tx);
-        serve(model, &rx, batching, WAIT);
+        serve(model, &rx, batching, WAIT, Duration::ZERO);
         answers
     }
 
@@ -863,51 +913,118 @@ mod tests {
         tx.send(Job {
             image: RGB_420.to_vec(),
             reply,
-            start_by: Instant::now() + WAIT,
+            answer_by: Instant::now() + WAIT,
         })
         .expect("send");
         drop(tx);
-        serve(&mut model, &rx, batching(8, Duration::ZERO), WAIT);
+        serve(
+            &mut model,
+            &rx,
+            batching(8, Duration::ZERO),
+            WAIT,
+            Duration::ZERO,
+        );
         assert_eq!(model.prepared, 0);
         assert!(model.runs.is_empty());
     }
 
-    #[test]
-    fn jobs_past_their_start_deadline_are_answered_503_and_not_run() {
-        let mut model = FakeModel::default();
+    /// Queues one job of [`RGB_420`] per deadline, closes the queue and lets `serve` work
+    /// through it on this thread, expecting runs to take `expected_run` at first.
+    fn serve_by(
+        model: &mut FakeModel,
+        timeout: Duration,
+        expected_run: Duration,
+        deadlines: &[Instant],
+    ) -> Vec<Answer> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let timeout = Duration::from_millis(50);
-        let mut answers = Vec::new();
-        for start_by in [
-            Instant::now() - Duration::from_millis(1),
-            Instant::now() + WAIT,
-        ] {
-            let (reply, answer_rx) = oneshot::channel();
-            tx.send(Job {
-                image: RGB_420.to_vec(),
-                reply,
-                start_by,
+        let answers = deadlines
+            .iter()
+            .map(|&answer_by| {
+                let (reply, answer_rx) = oneshot::channel();
+                tx.send(Job {
+                    image: RGB_420.to_vec(),
+                    reply,
+                    answer_by,
+                })
+                .expect("send");
+                answer_rx
             })
-            .expect("send");
-            answers.push(answer_rx);
-        }
+            .collect();
         drop(tx);
-        serve(&mut model, &rx, batching(8, Duration::ZERO), timeout);
-        assert_eq!(model.prepared, 1, "only the one still in time");
-        assert_eq!(model.runs, [1]);
-        match answer(&mut answers[0]) {
+        serve(
+            model,
+            &rx,
+            batching(8, Duration::ZERO),
+            timeout,
+            expected_run,
+        );
+        answers
+    }
+
+    fn assert_not_started(answer_rx: &mut Answer, timeout: Duration) {
+        match answer(answer_rx) {
             Err(err @ AppError::NotStarted { within }) => {
                 assert_eq!(within, timeout);
                 assert_eq!(err.status(), 503);
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn jobs_past_their_deadline_are_answered_503_and_not_run() {
+        let mut model = FakeModel::default();
+        let timeout = Duration::from_millis(50);
+        let deadlines = [
+            Instant::now() - Duration::from_millis(1),
+            Instant::now() + WAIT,
+        ];
+        let mut answers = serve_by(&mut model, timeout, Duration::ZERO, &deadlines);
+        assert_eq!(model.prepared, 1, "only the one still in time");
+        assert_eq!(model.runs, [1]);
+        assert_not_started(&mut answers[0], timeout);
         assert_eq!(answer(&mut answers[1]).expect("in time"), alone(RGB_420));
     }
 
     #[test]
-    fn the_deadline_counts_from_the_body_not_from_the_queue() {
-        // A request whose body arrived long ago is late even if queued just now.
+    fn jobs_the_worker_could_not_finish_in_time_are_answered_503_and_not_run() {
+        // Its runs take 300 ms, as its warm-up did: a job due in 100 ms would be late.
+        let run_time = Duration::from_millis(300);
+        let mut model = FakeModel::taking(run_time);
+        let timeout = Duration::from_secs(2);
+        let deadlines = [
+            Instant::now() + Duration::from_millis(100),
+            Instant::now() + WAIT,
+        ];
+        let mut answers = serve_by(&mut model, timeout, run_time, &deadlines);
+        assert_eq!(model.prepared, 1, "only the one it can finish in time");
+        assert_eq!(model.runs, [1]);
+        assert_not_started(&mut answers[0], timeout);
+        assert_eq!(answer(&mut answers[1]).expect("in time"), alone(RGB_420));
+    }
+
+    #[test]
+    fn the_expected_run_is_a_weighted_mean_of_the_recent_runs() {
+        let ms = Duration::from_millis;
+        let about = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_micros(1);
+        assert!(about(expected_after(ms(100), ms(100)), ms(100)));
+        assert!(
+            about(expected_after(ms(100), ms(500)), ms(200)),
+            "a quarter of the latest"
+        );
+        let mut expected = ms(1000); // a slow warm-up
+        for _ in 0..20 {
+            expected = expected_after(expected, ms(10));
+        }
+        assert!(
+            expected < ms(15),
+            "forgotten after a few runs: {expected:?}"
+        );
+    }
+
+    #[test]
+    fn the_deadline_counts_from_the_headers_not_from_the_queue() {
+        // A request whose headers arrived long ago is late even if queued just now.
         let inferencer = Inferencer::fake_with(
             FakeModel::default(),
             Batching::OFF,

@@ -140,6 +140,8 @@ async fn next_signal(term: &mut Signal, int: &mut Signal) -> &'static str {
 mod tests {
     use std::io::{ErrorKind, Read, Write};
     use std::net::TcpStream;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
     use std::thread::JoinHandle;
     use std::time::Instant;
 
@@ -365,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn one_request_over_the_capacity_gets_503_its_body_discarded_and_the_connection_kept() {
+    fn one_request_beyond_the_places_and_the_line_gets_503_its_body_discarded() {
         let limits = Limits {
             max_body_bytes: 8 * MIB,
             discard_body_bytes: MIB,
@@ -377,6 +379,10 @@ mod tests {
         gate.started
             .recv_timeout(Duration::from_secs(10))
             .expect("started");
+        // The one place is taken: the next request waits in line for it.
+        let mut waiting = server.connect();
+        waiting.write_all(&raw_request(PHOTO)).expect("send");
+        wait_for("one in line", || server.state.admission.waiting() == 1);
 
         // A body under the discard limit: read to its end, so the connection stays open.
         let mut second = server.connect();
@@ -405,7 +411,59 @@ mod tests {
         gate.proceed.send(()).expect("let the first through");
         let served = read_response(&mut first).expect("answer");
         assert_eq!(served.status, 200, "{served:?}");
+        // The one in line has the freed place.
+        gate.started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the one in line started");
+        gate.proceed.send(()).expect("let it through");
+        let served = read_response(&mut waiting).expect("answer");
+        assert_eq!(served.status, 200, "{served:?}");
         wait_for("every place back", || server.state.admission.held() == 0);
+    }
+
+    #[test]
+    fn a_request_waiting_for_a_place_holds_its_client_back_until_it_has_one() {
+        let limits = Limits {
+            max_body_bytes: 16 * MIB,
+            ..LIMITS
+        };
+        let server = server(limits, 1, 64 * MIB);
+        let held = server.state.admission.try_admit().expect("the one place");
+        let stream = server.connect();
+        let written = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let mut stream = stream.try_clone().expect("clone");
+            let written = Arc::clone(&written);
+            std::thread::spawn(move || {
+                for chunk in raw_request(&vec![0; 16 * MIB]).chunks(64 * 1024) {
+                    stream.write_all(chunk)?;
+                    written.fetch_add(chunk.len(), Ordering::Relaxed);
+                }
+                io::Result::Ok(())
+            })
+        };
+        wait_for("the request to wait", || {
+            server.state.admission.waiting() == 1
+        });
+        // The body is not read while the request waits: once actix-http's buffers and the
+        // socket's are full, the client's writes block.
+        std::thread::sleep(Duration::from_secs(1));
+        let blocked_at = written.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(written.load(Ordering::Relaxed), blocked_at, "still writing");
+        assert!(blocked_at < 16 * MIB, "the whole body was taken in");
+        assert!(!writer.is_finished());
+        assert_eq!(server.state.admission.pending_bytes(), 0);
+
+        drop(held);
+        writer.join().expect("no panic").expect("the body is read");
+        let mut stream = stream;
+        let answered = read_response(&mut stream).expect("answer");
+        assert_eq!(
+            answered.status, 400,
+            "read, then not an image: {answered:?}"
+        );
+        assert_eq!(server.state.admission.held(), 0);
     }
 
     #[test]
@@ -615,6 +673,33 @@ mod tests {
         gate.proceed.send(()).expect("let the third through");
         assert_eq!(read_response(&mut third).expect("answer").status, 200);
         assert!(gate.started.try_recv().is_err(), "the second never started");
+    }
+
+    #[test]
+    fn a_request_whose_client_is_gone_while_it_waits_leaves_the_line() {
+        let server = server(LIMITS, 1, MIB);
+        let held = server.state.admission.try_admit().expect("the one place");
+        let gone = server.connect();
+        (&gone).write_all(&raw_request(PHOTO)).expect("send");
+        wait_for("the request to wait", || {
+            server.state.admission.waiting() == 1
+        });
+        drop(gone);
+        // actix-http notices the close (a body this small is read into its buffer, so it
+        // still reads the connection) and drops the request.
+        wait_for("the request to leave the line", || {
+            server.state.admission.waiting() == 0
+        });
+        let counted =
+            r#"bentoml_service_request_total{endpoint="/predict/raw",http_response_code="503""#;
+        wait_for("the request to be counted as a 503", || {
+            server.state.metrics.render().contains(counted)
+        });
+        drop(held);
+        assert!(
+            server.state.admission.try_admit().is_some(),
+            "no place kept"
+        );
     }
 
     #[test]
