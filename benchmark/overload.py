@@ -203,9 +203,10 @@ def find_peak(running: Running, settings: OverloadSettings, image_path: Path, ou
 
 def overload_onset(peak_rps: float, settings: OverloadSettings) -> dict:
     """From how many users on the policy sends 503s: when the queues and the lines waiting for a
-    place in them are full (twice QUEUE_CAPACITY), or when the wait for a worker (users ahead ÷
-    peak rate) would pass the deadline, whichever comes first."""
-    queue = 2 * settings.policy("QUEUE_CAPACITY") * settings.cpus_per_service
+    place in them are full (QUEUE_CAPACITY + MAX_WAITING_REQUESTS), or when the wait for a worker
+    (users ahead ÷ peak rate) would pass the deadline, whichever comes first."""
+    places = settings.policy("QUEUE_CAPACITY") + settings.policy("MAX_WAITING_REQUESTS")
+    queue = places * settings.cpus_per_service
     deadline = math.ceil(peak_rps * settings.policy("REQUEST_TIMEOUT_SECONDS"))
     return {
         "queue_full_at_users": queue,
@@ -469,6 +470,7 @@ def run(settings: OverloadSettings) -> dict:
                 name: settings.policy(name)
                 for name in (
                     "QUEUE_CAPACITY",
+                    "MAX_WAITING_REQUESTS",
                     "REQUEST_TIMEOUT_SECONDS",
                     "RETRY_AFTER_SECONDS",
                     "MAX_PENDING_BODY_BYTES",
@@ -535,7 +537,8 @@ def markdown(results: dict) -> str:
         f"# Overload {setup['run_id']}",
         "",
         f"{setup['mode']} mode, {settings['cpus_per_service']} CPU per service, endpoint `{settings['endpoint']}`, "
-        f"QUEUE_CAPACITY {policy['QUEUE_CAPACITY']}, deadline {policy['REQUEST_TIMEOUT_SECONDS']} s, "
+        f"QUEUE_CAPACITY {policy['QUEUE_CAPACITY']} (+{policy.get('MAX_WAITING_REQUESTS', 0)} waiting), "
+        f"deadline {policy['REQUEST_TIMEOUT_SECONDS']} s, "
         f"{'clients honour Retry-After' if settings['honor_retry_after'] else 'clients retry at once'}. "
         f"Target: useful req/s ≥ {TARGET_RATIO:.2f} × peak and accepted p99 ≤ the deadline.",
         "",

@@ -11,7 +11,7 @@ routes it:
 
 * gives a request a place if this worker holds fewer than QUEUE_CAPACITY; otherwise it
   waits for one at its headers, its body unread, in arrival order (503 with Retry-After
-  at once if QUEUE_CAPACITY already wait; its body is left to the server to discard);
+  at once if MAX_WAITING_REQUESTS already wait; its body is left to the server to discard);
 * refuses before BentoML sees the request: a model that is not ready (503), a body over
   the limit (413), one that would take the bytes of bodies still arriving past
   MAX_PENDING_BODY_BYTES (503), one slower than BODY_TIMEOUT_SECONDS (408), a
@@ -84,12 +84,14 @@ class ContractGate:
         app: Callable[..., Awaitable[None]],
         max_body_bytes: int,
         queue_capacity: int = settings.QUEUE_CAPACITY,
+        max_waiting: int = settings.MAX_WAITING_REQUESTS,
         run_slots: int | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.admission = Admission(
             queue_capacity,
+            max_waiting,
             # As many requests run as the worker has threads to run them (BentoML's
             # `threads`), so none waits inside BentoML, where no deadline applies.
             run_slots or _service_threads(),
@@ -225,8 +227,9 @@ class Admission:
     leaving.
     """
 
-    def __init__(self, capacity: int, slots: int, timeout: float, max_pending: int) -> None:
+    def __init__(self, capacity: int, max_waiting: int, slots: int, timeout: float, max_pending: int) -> None:
         self.capacity = capacity
+        self.max_waiting = max_waiting
         self.held = 0  # places taken: headers in, answer not yet complete
         self.entering: deque[asyncio.Future] = deque()  # waiting at their headers for a place
         self.free = slots  # run slots; while > 0, nobody waits for one
@@ -235,16 +238,16 @@ class Admission:
         self.expected_run = 0.0  # seconds: the mean of recent runs (slot taken to answer started)
         self.max_pending = max_pending
         self.pending = 0  # bytes reserved by bodies still arriving
-        self.full_message = f"the worker is full ({capacity} requests, {capacity} more waiting); retry later"
+        self.full_message = f"the worker is full ({capacity} requests, {max_waiting} more waiting); retry later"
         self.late_message = f"the request could not be answered within {timeout:g} s; retry later"
 
     async def enter(self, answer_by: float) -> None:
         """Take a place: at once if one is free, else in turn, by ``answer_by``. RequestError
-        (503) at once if ``capacity`` requests already wait, or when the deadline passes."""
+        (503) at once if ``max_waiting`` requests already wait, or when the deadline passes."""
         if self.held < self.capacity:
             self.held += 1
             return
-        if len(self.entering) >= self.capacity:
+        if len(self.entering) >= self.max_waiting:
             raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
         if await self._wait(self.entering, answer_by, self.leave) is not _GRANTED:
             raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)

@@ -50,6 +50,7 @@ MIB = 1 << 20
 POLICY = {
     "WORKER_THREADS": "1",
     "QUEUE_CAPACITY": "6",
+    "MAX_WAITING_REQUESTS": "6",
     "REQUEST_TIMEOUT_SECONDS": "1",
     "HEADER_TIMEOUT_SECONDS": "1",
     "BODY_TIMEOUT_SECONDS": "2",
@@ -301,7 +302,7 @@ def _by(seconds: float) -> float:
 
 def test_run_slots_are_granted_in_arrival_order():
     async def scenario() -> list[int]:
-        admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
+        admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=MIB)
         await admission.start(_Client().receive, _by(5))  # the one slot
         order = []
 
@@ -323,7 +324,7 @@ def test_run_slots_are_granted_in_arrival_order():
 
 def test_a_request_that_cannot_start_in_time_is_refused_and_its_slot_not_lost():
     async def scenario() -> None:
-        admission = http.Admission(capacity=8, slots=1, timeout=0.05, max_pending=MIB)
+        admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=0.05, max_pending=MIB)
         await admission.start(_Client().receive, _by(0.05))
         started = time.monotonic()
         with pytest.raises(http.RequestError) as refused:
@@ -345,7 +346,7 @@ def test_a_run_that_would_end_after_the_deadline_is_not_started():
     later than its deadline minus that is refused then, not at the deadline."""
 
     async def scenario() -> None:
-        admission = http.Admission(capacity=8, slots=1, timeout=1, max_pending=MIB)
+        admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=1, max_pending=MIB)
         admission.expected_run = 0.2
         started = await admission.start(_Client().receive, _by(1))
         waiting = time.monotonic()
@@ -368,7 +369,7 @@ def test_places_are_taken_in_arrival_order_by_requests_waiting_at_their_headers(
     as many waiting, it is refused at once. A place freed goes to the first still waiting."""
 
     async def scenario() -> None:
-        admission = http.Admission(capacity=2, slots=1, timeout=5, max_pending=MIB)
+        admission = http.Admission(capacity=2, max_waiting=2, slots=1, timeout=5, max_pending=MIB)
         await admission.enter(_by(5))
         await admission.enter(_by(5))
         order = []
@@ -403,7 +404,7 @@ def test_places_are_taken_in_arrival_order_by_requests_waiting_at_their_headers(
 
 def test_a_request_whose_client_leaves_while_waiting_is_not_started():
     async def scenario() -> None:
-        admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
+        admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=MIB)
         await admission.start(_Client().receive, _by(5))
         leaving, staying = _Client(), _Client()
         left = asyncio.create_task(admission.start(leaving.receive, _by(5)))
@@ -422,7 +423,7 @@ def test_a_request_whose_client_leaves_while_waiting_is_not_started():
 
 def test_a_cancelled_waiter_gives_back_a_slot_it_was_granted():
     async def scenario() -> None:
-        admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=MIB)
+        admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=MIB)
         await admission.start(_Client().receive, _by(5))
         waiter = asyncio.create_task(admission.start(_Client().receive, _by(5)))
         await asyncio.sleep(0.01)
@@ -436,7 +437,7 @@ def test_a_cancelled_waiter_gives_back_a_slot_it_was_granted():
 
 
 def test_pending_body_bytes_are_bounded_but_a_lone_body_is_not():
-    admission = http.Admission(capacity=8, slots=1, timeout=5, max_pending=100)
+    admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=100)
     admission.reserve(80)
     with pytest.raises(http.RequestError) as refused:
         admission.reserve(30)
@@ -537,13 +538,13 @@ def test_the_arbiter_bentoml_creates_is_the_patched_one():
 
 
 def test_a_full_worker_answers_503_at_the_headers_and_discards_the_body(service, photo):
-    """QUEUE_CAPACITY requests held (bodies still arriving count) and as many waiting for a
-    place: one more gets 503 with Retry-After at once, though its client writes the whole
-    body first, and its connection then serves the next request: the body was read and
-    discarded, never parsed. The waiting ones get 503 at their deadline."""
+    """QUEUE_CAPACITY requests held (bodies still arriving count) and MAX_WAITING_REQUESTS
+    waiting for a place: one more gets 503 with Retry-After at once, though its client writes
+    the whole body first, and its connection then serves the next request: the body was read
+    and discarded, never parsed. The waiting ones get 503 at their deadline."""
     port, capacity = service.port, int(POLICY["QUEUE_CAPACITY"])
     wait_idle(port)
-    with stalled_uploads(port, 2 * capacity) as stalled, connect(port) as sock:
+    with stalled_uploads(port, capacity + int(POLICY["MAX_WAITING_REQUESTS"])) as stalled, connect(port) as sock:
         held, waiting = stalled[:capacity], stalled[capacity:]
         big = b"\xff\xd8\xff" + b"\x00" * (3 * MIB)
         sent = time.monotonic()

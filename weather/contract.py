@@ -131,10 +131,13 @@ def prepare_pixels(image: Image.Image) -> np.ndarray:
 
 # Admission control and slow clients (docs/contract.md, "Under load, slow clients, shutdown").
 # Per inference worker (a bento worker process; a Rust inference thread): at most
-# QUEUE_CAPACITY predict requests held at once (body being read, waiting, or running). As
-# many more wait for a place at their headers, their bodies unread; one more gets 503 as soon
-# as its headers arrive, its body discarded unparsed.
+# QUEUE_CAPACITY predict requests held at once (body being read, waiting, or running). Up to
+# MAX_WAITING_REQUESTS more wait for a place at their headers, their bodies not read beyond
+# the server's buffers (so that clients beyond what a worker can hold are slowed by TCP, not
+# refused in a loop); one more gets 503 as soon as its headers arrive, its body discarded
+# unparsed.
 QUEUE_CAPACITY = 64
+MAX_WAITING_REQUESTS = 1024
 # Every predict request is answered within this of its headers, or refused with 503: when it
 # is still waiting for a place then, or when its run would end later (by the recent mean).
 REQUEST_TIMEOUT_SECONDS = 2

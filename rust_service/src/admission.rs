@@ -5,8 +5,8 @@
 //! A request takes a place at its headers, before its body is read. One that finds every
 //! place taken waits there, its body unread, in arrival order, until a place frees or its
 //! deadline passes: the HTTP layer then stops reading its connection, so TCP holds the
-//! client back instead of the service refusing it over and over. At most as many wait as
-//! there are places; one more is refused at once. A [`Permit`] gives back what it took when
+//! client back instead of the service refusing it over and over. At most `max_waiting`
+//! wait; one more is refused at once. A [`Permit`] gives back what it took when
 //! dropped, so a request that ends any way (answered, failed, or its client gone and its
 //! handler dropped) releases its place; a waiting request whose handler is dropped leaves
 //! the line.
@@ -25,7 +25,8 @@ pub struct Admission {
     /// One permit per place. tokio's semaphore hands freed permits to its waiters in the
     /// order they came, and works across the HTTP threads' runtimes.
     places: Arc<Semaphore>,
-    /// Requests waiting for a place, at most `capacity`.
+    /// Requests waiting for a place, at most `max_waiting`.
+    max_waiting: usize,
     waiting: AtomicUsize,
     /// Requests admitted since start.
     admitted: AtomicU64,
@@ -37,18 +38,19 @@ pub struct Admission {
 /// Why a request got no place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// Every place is taken and as many requests already wait.
+    /// Every place is taken and `max_waiting` requests already wait.
     Full,
     /// No place freed before the request's deadline.
     TimedOut,
 }
 
 impl Admission {
-    pub fn new(capacity: usize, max_pending_bytes: usize) -> Arc<Self> {
+    pub fn new(capacity: usize, max_waiting: usize, max_pending_bytes: usize) -> Arc<Self> {
         let capacity = capacity.min(Semaphore::MAX_PERMITS);
         Arc::new(Self {
             capacity,
             places: Arc::new(Semaphore::new(capacity)),
+            max_waiting,
             waiting: AtomicUsize::new(0),
             admitted: AtomicU64::new(0),
             max_pending_bytes,
@@ -64,7 +66,7 @@ impl Admission {
     }
 
     /// A place for one more request: at once if one is free, else after the requests
-    /// already waiting, as soon as one frees. [`Refused::Full`] at once when `capacity`
+    /// already waiting, as soon as one frees. [`Refused::Full`] at once when `max_waiting`
     /// requests already wait, [`Refused::TimedOut`] when no place has freed by `until`.
     /// Must run on a Tokio runtime with a timer (any actix-web worker thread).
     pub async fn admit(self: &Arc<Self>, until: Instant) -> Result<Permit, Refused> {
@@ -116,12 +118,12 @@ impl Admission {
 struct InLine<'a>(&'a AtomicUsize);
 
 impl<'a> InLine<'a> {
-    /// None when `capacity` requests already wait.
+    /// None when `max_waiting` requests already wait.
     fn join(admission: &'a Admission) -> Option<Self> {
         admission
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |waiting| {
-                (waiting < admission.capacity).then_some(waiting + 1)
+                (waiting < admission.max_waiting).then_some(waiting + 1)
             })
             .ok()?;
         Some(Self(&admission.waiting))
@@ -189,7 +191,7 @@ mod tests {
 
     #[test]
     fn admits_up_to_the_capacity_and_frees_places_on_drop() {
-        let admission = Admission::new(2, 100);
+        let admission = Admission::new(2, 2, 100);
         let first = admission.try_admit().expect("room for 1");
         let second = admission.try_admit().expect("room for 2");
         assert!(admission.try_admit().is_none(), "a third is refused");
@@ -203,7 +205,7 @@ mod tests {
 
     #[test]
     fn bodies_arriving_share_one_byte_budget() {
-        let admission = Admission::new(10, 100);
+        let admission = Admission::new(10, 10, 100);
         let mut a = admission.try_admit().expect("admitted");
         let mut b = admission.try_admit().expect("admitted");
         assert!(a.reserve(60));
@@ -229,7 +231,7 @@ mod tests {
 
     #[test]
     fn places_are_shared_across_threads() {
-        let admission = Admission::new(8, 0);
+        let admission = Admission::new(8, 8, 0);
         let admitted: usize = std::thread::scope(|scope| {
             let threads: Vec<_> = (0..4)
                 .map(|_| {
@@ -256,7 +258,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_request_beyond_the_capacity_waits_for_a_freed_place_in_arrival_order() {
-        let admission = Admission::new(2, 100);
+        let admission = Admission::new(2, 2, 100);
         let first = admission.try_admit().expect("room for 1");
         let second = admission
             .admit(far())
@@ -296,7 +298,7 @@ mod tests {
 
     #[actix_web::test]
     async fn one_beyond_the_places_and_as_many_waiting_is_refused_at_once() {
-        let admission = Admission::new(1, 100);
+        let admission = Admission::new(1, 1, 100);
         let _held = admission.try_admit().expect("the one place");
         let mut waiting = Box::pin(admission.admit(far()));
         assert!((&mut waiting).now_or_never().is_none(), "one may wait");
@@ -311,14 +313,14 @@ mod tests {
             "the refused one never joined the line"
         );
 
-        let none = Admission::new(0, 100);
+        let none = Admission::new(0, 0, 100);
         let refused = none.admit(far()).now_or_never();
         assert!(matches!(refused, Some(Err(Refused::Full))), "{refused:?}");
     }
 
     #[actix_web::test]
     async fn a_waiting_request_times_out_at_its_deadline() {
-        let admission = Admission::new(1, 100);
+        let admission = Admission::new(1, 1, 100);
         let _held = admission.try_admit().expect("the one place");
         let until = Instant::now() + Duration::from_millis(100);
         let waited = admission.admit(until).await;
@@ -330,7 +332,7 @@ mod tests {
 
     #[actix_web::test]
     async fn a_dropped_waiter_leaves_the_line_and_any_place_it_was_given() {
-        let admission = Admission::new(1, 100);
+        let admission = Admission::new(1, 1, 100);
         let held = admission.try_admit().expect("the one place");
         let mut gone = Box::pin(admission.admit(far()));
         assert!((&mut gone).now_or_never().is_none());

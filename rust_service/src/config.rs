@@ -50,12 +50,17 @@ pub struct Config {
 
     /// Predict requests held at once per inference worker, counting those whose body is
     /// still arriving, those waiting for a worker and those running. One more waits at its
-    /// headers, its body unread, until a place frees (first come, first served); as many
-    /// may wait. One beyond those is answered 503 as soon as its headers arrive; its body is
-    /// read and discarded, never parsed.
+    /// headers, its body unread, until a place frees (first come, first served).
     #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub queue_capacity: u32,
+
+    /// Predict requests that may wait at their headers for a place, per inference worker.
+    /// One beyond those is answered 503 as soon as its headers arrive; its body is read and
+    /// discarded, never parsed.
+    #[arg(long, env = "MAX_WAITING_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waiting_requests: u32,
 
     /// Seconds from a request's headers to its answer. One still waiting for a place then
     /// is answered 503; so is one that an inference worker, judging by its recent run
@@ -151,6 +156,11 @@ impl Config {
     /// workers.
     pub fn max_requests(&self) -> usize {
         (self.queue_capacity as usize).saturating_mul(self.workers())
+    }
+
+    /// Predict requests that may wait for a place: the per-worker line times the workers.
+    pub fn max_waiting(&self) -> usize {
+        (self.max_waiting_requests as usize).saturating_mul(self.workers())
     }
 
     /// Bytes all bodies still arriving may reserve: the per-worker budget times the workers.
@@ -258,6 +268,7 @@ mod tests {
         // weather/contract.py's policy for load, slow clients and shutdown; the same
         // values are checked against that file by tests/test_registry.py.
         assert_eq!(default_of("queue_capacity"), "64");
+        assert_eq!(default_of("max_waiting_requests"), "1024");
         assert_eq!(default_of("request_timeout_seconds"), "2");
         assert_eq!(default_of("retry_after_seconds"), "1");
         assert_eq!(default_of("header_timeout_seconds"), "5");

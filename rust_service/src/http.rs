@@ -540,7 +540,7 @@ pub(crate) mod testing {
             labels: ["red", "green", "blue"].map(String::from).into(),
             metrics: Arc::new(Metrics::new("test", "v1", &PREDICT_ROUTES)),
             ready: Arc::new(AtomicBool::new(true)),
-            admission: Admission::new(capacity, max_pending_bytes),
+            admission: Admission::new(capacity, capacity, max_pending_bytes),
             limits,
         })
     }

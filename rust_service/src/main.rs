@@ -65,7 +65,11 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
     // Warm-up is done (every worker ran the model, at each batch size it will use) before
     // the port opens.
     let ready = Arc::new(AtomicBool::new(false));
-    let admission = Admission::new(config.max_requests(), config.max_pending_bytes());
+    let admission = Admission::new(
+        config.max_requests(),
+        config.max_waiting(),
+        config.max_pending_bytes(),
+    );
     memory::trim_when_idle(Arc::clone(&admission), TRIM_EVERY);
     let state = web::Data::new(http::AppState {
         inferencer,

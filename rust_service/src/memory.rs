@@ -80,7 +80,7 @@ mod tests {
 
     #[test]
     fn trims_once_after_requests_and_only_when_none_is_held() {
-        let admission = Admission::new(4, 0);
+        let admission = Admission::new(4, 4, 0);
         let mut trimmer = IdleTrimmer::default();
         assert!(!trimmer.due(&admission), "nothing served yet");
         let permit = admission.try_admit().expect("admitted");

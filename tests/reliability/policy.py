@@ -26,6 +26,7 @@ MIB = 1024 * 1024
 @dataclass(frozen=True)
 class Policy:
     QUEUE_CAPACITY: int = contract.QUEUE_CAPACITY
+    MAX_WAITING_REQUESTS: int = contract.MAX_WAITING_REQUESTS
     REQUEST_TIMEOUT_SECONDS: int = contract.REQUEST_TIMEOUT_SECONDS
     RETRY_AFTER_SECONDS: int = contract.RETRY_AFTER_SECONDS
     HEADER_TIMEOUT_SECONDS: int = contract.HEADER_TIMEOUT_SECONDS
@@ -51,11 +52,13 @@ class Policy:
 
 
 # The service every test of a target shares (one worker). A queue of 8 lets a handful of
-# 40-megapixel images (the heaviest a request may carry) wait longer than the 1 s deadline.
+# 40-megapixel images (the heaviest a request may carry) wait longer than the 1 s deadline,
+# and a line of 8 waiting for a place lets a few dozen clients overflow it.
 # The pending-body bound is above MAX_BODY_BYTES (as the defaults are), so that one body alone
 # meets the size limit (413) first, and only several bodies arriving together meet the bound.
 SHARED = Policy(
     QUEUE_CAPACITY=8,
+    MAX_WAITING_REQUESTS=8,
     REQUEST_TIMEOUT_SECONDS=1,
     HEADER_TIMEOUT_SECONDS=1,
     BODY_TIMEOUT_SECONDS=3,

@@ -50,12 +50,13 @@ def request_bytes(port: int, endpoint: str, image: bytes) -> bytes:
 
 
 def test_overload_is_503_with_retry_after_and_no_connection_errors(service, photo):
-    """Three times QUEUE_CAPACITY clients (a queue full, as many waiting for a place, and more),
+    """QUEUE_CAPACITY + MAX_WAITING_REQUESTS + QUEUE_CAPACITY clients (a queue full, a full line
+    waiting for a place, and more),
     each sending its next request as soon as it has an answer, through all three endpoints:
     some are refused with 503 (JSON, Retry-After), every other one is
     a valid prediction, and no client sees a reset, a broken pipe or a connection closed unannounced."""
     wait_idle(service.port)
-    clients = 3 * service.policy.QUEUE_CAPACITY
+    clients = 2 * service.policy.QUEUE_CAPACITY + service.policy.MAX_WAITING_REQUESTS
     endpoints = list(ENDPOINTS)
     start = threading.Barrier(clients)
     results: list[list[rawhttp.Outcome]] = [[] for _ in range(clients)]

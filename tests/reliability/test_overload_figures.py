@@ -45,7 +45,9 @@ def test_overload_starts_at_the_full_queue_or_the_deadline():
         mode="process", services=[], env={"QUEUE_CAPACITY": "64", "REQUEST_TIMEOUT_SECONDS": "2"}
     )
     assert overload_onset(10.0, settings)["overload_starts_at_users"] == 20  # 20 waiting = 2 s at 10 req/s
-    assert overload_onset(100.0, settings)["overload_starts_at_users"] == 128  # 64 held, 64 waiting: full first
+    assert overload_onset(100.0, settings)["overload_starts_at_users"] == 200  # 2 s at 100 req/s
+    settings.env["MAX_WAITING_REQUESTS"] = "16"
+    assert overload_onset(100.0, settings)["overload_starts_at_users"] == 80  # 64 held, 16 waiting: full first
 
 
 def test_report_marks_the_target():
