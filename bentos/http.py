@@ -124,7 +124,8 @@ class ContractGate:
                 headers = _headers(scope)
                 content_type = check.content_type(headers)
                 declared = _declared_length(headers, self.max_body_bytes)
-                await admission.enter(answer_by)
+                # No place is given once a run could no longer end by the deadline.
+                await admission.enter(answer_by - admission.expected_run)
                 placed = True
                 await _check_ready(answer_by)
                 body = await self._read_body(declared, receive, headers_at + settings.BODY_TIMEOUT_SECONDS)
@@ -241,15 +242,15 @@ class Admission:
         self.full_message = f"the worker is full ({capacity} requests, {max_waiting} more waiting); retry later"
         self.late_message = f"the request could not be answered within {timeout:g} s; retry later"
 
-    async def enter(self, answer_by: float) -> None:
-        """Take a place: at once if one is free, else in turn, by ``answer_by``. RequestError
-        (503) at once if ``max_waiting`` requests already wait, or when the deadline passes."""
+    async def enter(self, until: float) -> None:
+        """Take a place: at once if one is free, else in turn, by ``until``. RequestError (503)
+        at once if ``max_waiting`` requests already wait, or at ``until``."""
         if self.held < self.capacity:
             self.held += 1
             return
         if len(self.entering) >= self.max_waiting:
             raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
-        if await self._wait(self.entering, answer_by, self.leave) is not _GRANTED:
+        if await self._wait(self.entering, until, self.leave) is not _GRANTED:
             raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
 
     def leave(self) -> None:

@@ -300,10 +300,12 @@ async fn receive(
     // The payload is not polled while the request waits: once its small buffer is full,
     // actix-http stops reading the connection, so TCP holds the client back rather than
     // the service taking in a body it cannot serve yet.
-    let admitted = state
-        .admission
-        .admit(headers_at + limits.request_timeout)
-        .await;
+    // No place is given once a run could no longer end by the deadline.
+    let answer_by = headers_at + limits.request_timeout;
+    let place_by = answer_by
+        .checked_sub(state.inferencer.expected_run())
+        .unwrap_or(headers_at);
+    let admitted = state.admission.admit(place_by).await;
     let mut permit = match admitted {
         Ok(permit) => permit,
         Err(refused) => {

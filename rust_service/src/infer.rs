@@ -16,6 +16,7 @@
 use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -76,6 +77,31 @@ struct Job {
 pub struct Inferencer {
     jobs: Sender<Job>,
     request_timeout: Duration,
+    expected_run: Arc<ExpectedRun>,
+}
+
+/// What a run is expected to take: the exponentially weighted mean of the recent runs,
+/// kept by the workers and read by admission (a request is not given a place it could not
+/// be answered from in time). With several workers, the last one to run writes it.
+#[derive(Debug)]
+pub struct ExpectedRun(AtomicU64);
+
+impl ExpectedRun {
+    pub fn new(initial: Duration) -> Self {
+        Self(AtomicU64::new(duration_micros(initial)))
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_micros(self.0.load(Ordering::Relaxed))
+    }
+
+    fn update_to(&self, expected: Duration) {
+        self.0.store(duration_micros(expected), Ordering::Relaxed);
+    }
+}
+
+fn duration_micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl Inferencer {
@@ -103,6 +129,11 @@ impl Inferencer {
             .await
             .map_err(|_| AppError::Inference("the worker stopped before answering".into()))?
     }
+
+    /// What a run is expected to take now (the workers' recent mean).
+    pub fn expected_run(&self) -> Duration {
+        self.expected_run.get()
+    }
 }
 
 pub struct WorkerPool {
@@ -128,6 +159,7 @@ pub fn start(
     let model_bytes: Arc<[u8]> = spec.read_onnx()?.into();
     let (jobs, queue) = crossbeam_channel::bounded::<Job>(options.queue_capacity.max(1));
     let request_timeout = options.request_timeout;
+    let expected_run = Arc::new(ExpectedRun::new(Duration::ZERO));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartupError>>();
     let mut handles = Vec::with_capacity(options.workers);
     for index in 0..options.workers {
@@ -138,6 +170,7 @@ pub fn start(
         let intra_threads = options.intra_threads;
         let max_pixels = options.max_pixels;
         let batching = options.batching;
+        let expected_run = Arc::clone(&expected_run);
         let handle = std::thread::Builder::new()
             .name(format!("infer-{index}"))
             .spawn(move || {
@@ -156,8 +189,14 @@ pub fn start(
                 drop(model_bytes);
                 let _ = ready.send(Ok(()));
                 drop(ready);
-                let warm_up = predictor.warm_up_run();
-                serve(&mut predictor, &queue, batching, request_timeout, warm_up);
+                expected_run.update_to(predictor.warm_up_run());
+                serve(
+                    &mut predictor,
+                    &queue,
+                    batching,
+                    request_timeout,
+                    &expected_run,
+                );
             })
             .map_err(StartupError::SpawnWorker)?;
         handles.push(handle);
@@ -175,6 +214,7 @@ pub fn start(
         Inferencer {
             jobs,
             request_timeout,
+            expected_run,
         },
         WorkerPool { handles },
     ))
@@ -232,19 +272,19 @@ fn expected_after(expected: Duration, latest: Duration) -> Duration {
 /// image (answering the bad ones at once), run the rest together, answer them. A job is
 /// started when its image is prepared; one whose client is gone, or that this worker would
 /// not finish by its `answer_by`, is not. What the worker expects a run to take is the
-/// mean of its recent runs (from taking the jobs to having their probabilities), starting
-/// at `warm_up`, its warm-up run's time.
+/// mean of the recent runs (from taking the jobs to having their probabilities), starting
+/// at the warm-up run's time; the worker keeps its own and publishes it to `expected`.
 fn serve<M: BatchModel>(
     model: &mut M,
     queue: &Receiver<Job>,
     batching: Batching,
     request_timeout: Duration,
-    warm_up: Duration,
+    expected: &ExpectedRun,
 ) {
     // Both reused from batch to batch; no allocation per request once they have grown.
     let mut jobs = Vec::new();
     let mut prepared: Vec<Reply> = Vec::new(); // in input slot order
-    let mut expected_run = warm_up;
+    let mut expected_run = expected.get();
     while gather(queue, batching, &mut jobs) {
         let started = Instant::now();
         let gathered = jobs.len();
@@ -283,6 +323,7 @@ fn serve<M: BatchModel>(
                 // Only runs that gave probabilities count: a failed one says nothing about
                 // how long the next will take.
                 expected_run = expected_after(expected_run, started.elapsed());
+                expected.update_to(expected_run);
                 let probabilities = model.probabilities().chunks_exact(model.labels());
                 // Were the output short, the replies left in the drain would be dropped:
                 // those requests would get a 500, never hang.
@@ -714,13 +755,21 @@ pub(crate) mod testing {
             request_timeout: Duration,
         ) -> Self {
             let (jobs, queue) = crossbeam_channel::bounded(64);
-            let warm_up = model.run_time;
+            let expected_run = Arc::new(ExpectedRun::new(model.run_time));
+            let worker_expected = Arc::clone(&expected_run);
             std::thread::spawn(move || {
-                serve(&mut model, &queue, batching, request_timeout, warm_up)
+                serve(
+                    &mut model,
+                    &queue,
+                    batching,
+                    request_timeout,
+                    &worker_expected,
+                )
             });
             Self {
                 jobs,
                 request_timeout,
+                expected_run,
             }
         }
     }
@@ -844,7 +893,13 @@ mod tests {
             })
             .collect();
         drop(tx);
-        serve(model, &rx, batching, WAIT, Duration::ZERO);
+        serve(
+            model,
+            &rx,
+            batching,
+            WAIT,
+            &ExpectedRun::new(Duration::ZERO),
+        );
         answers
     }
 
@@ -922,7 +977,7 @@ mod tests {
             &rx,
             batching(8, Duration::ZERO),
             WAIT,
-            Duration::ZERO,
+            &ExpectedRun::new(Duration::ZERO),
         );
         assert_eq!(model.prepared, 0);
         assert!(model.runs.is_empty());
@@ -956,7 +1011,7 @@ mod tests {
             &rx,
             batching(8, Duration::ZERO),
             timeout,
-            expected_run,
+            &ExpectedRun::new(expected_run),
         );
         answers
     }
