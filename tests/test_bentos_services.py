@@ -28,7 +28,7 @@ from bentos.onnx_service import OnnxClassifier
 from bentos.torch_service import TorchClassifier
 from harness import REPO
 from weather import synthetic
-from weather.contract import PREDICT_ROUTE, RAW_ROUTE, UPLOAD_ROUTE
+from weather.endpoints import ENDPOINTS
 from weather.photos import photo_paths
 
 SERVICES = {"onnx": OnnxClassifier, "torch": TorchClassifier}
@@ -127,9 +127,10 @@ def test_not_ready_until_loaded_and_warm(gated_load, monkeypatch):
     with TestClient(OnnxClassifier.to_asgi()) as client:
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 503
-        for route in (PREDICT_ROUTE, UPLOAD_ROUTE, RAW_ROUTE):
+        for endpoint in ENDPOINTS.values():
             # Refused before the body is read, once the wait is over: a client retries or goes elsewhere.
-            response = client.post(route, content=_body(_photo()))
+            request = endpoint.request(_photo())
+            response = client.post(endpoint.route, content=request.body, headers=dict(request.headers))
             assert response.status_code == 503
             assert response.json() == {"error": "the model is still loading"}
             assert response.headers["retry-after"] == "1"
