@@ -124,8 +124,7 @@ class ContractGate:
                 headers = _headers(scope)
                 content_type = check.content_type(headers)
                 declared = _declared_length(headers, self.max_body_bytes)
-                # No place is given once a run could no longer end by the deadline.
-                await admission.enter(answer_by - admission.expected_run)
+                await admission.enter(answer_by)
                 placed = True
                 await _check_ready(answer_by)
                 body = await self._read_body(declared, receive, headers_at + settings.BODY_TIMEOUT_SECONDS)
@@ -147,13 +146,12 @@ class ContractGate:
         if len(body) >= server.LARGE_BODY_BYTES:
             server.large_body_done()
 
-    async def _read_body(self, declared: int, receive: Receive, body_by: float) -> bytes:
+    async def _read_body(self, reserved: int, receive: Receive, body_by: float) -> bytes:
         """The body: 413 as soon as it is known to exceed the limit, 503 if the bytes of bodies
         still arriving in this worker would exceed theirs (a declared length is reserved
         before reading, a chunked body as it grows), 408 if it is not in by ``body_by``
-        (BODY_TIMEOUT_SECONDS after its headers)."""
+        (BODY_TIMEOUT_SECONDS after its headers). ``reserved``: its declared length, or 0."""
         limit, admission = self.max_body_bytes, self.admission
-        reserved = declared
         admission.reserve(reserved)
         chunks, size = [], 0
         try:
@@ -242,14 +240,16 @@ class Admission:
         self.full_message = f"the worker is full ({capacity} requests, {max_waiting} more waiting); retry later"
         self.late_message = f"the request could not be answered within {timeout:g} s; retry later"
 
-    async def enter(self, until: float) -> None:
-        """Take a place: at once if one is free, else in turn, by ``until``. RequestError (503)
-        at once if ``max_waiting`` requests already wait, or at ``until``."""
+    async def enter(self, answer_by: float) -> None:
+        """Take a place: at once if one is free, else in turn, while a run could still end by
+        ``answer_by``. RequestError (503) at once if ``max_waiting`` requests already wait,
+        or once no run could."""
         if self.held < self.capacity:
             self.held += 1
             return
         if len(self.entering) >= self.max_waiting:
             raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
+        until = answer_by - self.expected_run
         if await self._wait(self.entering, until, self.leave) is not _GRANTED:
             raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
 
