@@ -25,7 +25,7 @@ installed), and answers /readyz for itself. What the contract needs there and ne
   still holds is given back (``reclaim_memory``). glibc's own mmap threshold is left
   alone: fixing it at 1 MiB, as this module once did, made every decoded photo (2.6 MB for
   the benchmark's) a fresh mapping, page-faulted in on every request: 1.3 ms a request in
-  the ONNX worker, 12% of its throughput, and no better memory after a spike.
+  the ONNX worker, 11% of its throughput, and no better memory after a spike.
 
 ``install()`` runs when bentos.http is imported, i.e. when ``load()`` imports the service
 module: in the arbiter before it is created (serve_http), in a worker before it builds its
