@@ -10,8 +10,11 @@ metrics middleware, so the metrics count the status the client gets). On the pre
 routes it:
 
 * gives a request a place if this worker holds fewer than QUEUE_CAPACITY; otherwise it
-  waits for one at its headers, its body unread, in arrival order (503 with Retry-After
-  at once if MAX_WAITING_REQUESTS already wait; its body is left to the server to discard);
+  waits for one at its headers, its body unread, in arrival order, passed over if the
+  requests placed ahead would make it late (503 with Retry-After at once if
+  MAX_WAITING_REQUESTS already wait; its body is left to the server to discard). That
+  wait, and its 503, happen in ``FrontDoor``, in front of BentoML's middleware, since
+  under overload most requests are refused there; BentoML's metrics still count them;
 * refuses before BentoML sees the request: a model that is not ready (503), a body over
   the limit (413), one that would take the bytes of bodies still arriving past
   MAX_PENDING_BODY_BYTES (503), one slower than BODY_TIMEOUT_SECONDS (408), a
@@ -35,10 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -79,25 +84,10 @@ class ContractGate:
     """ASGI middleware; see the module docstring. One per worker process (BentoML builds one
     app per worker), so its admission counts are the worker's."""
 
-    def __init__(
-        self,
-        app: Callable[..., Awaitable[None]],
-        max_body_bytes: int,
-        queue_capacity: int = settings.QUEUE_CAPACITY,
-        max_waiting: int = settings.MAX_WAITING_REQUESTS,
-        run_slots: int | None = None,
-    ) -> None:
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.admission = Admission(
-            queue_capacity,
-            max_waiting,
-            # As many requests run as the worker has threads to run them (BentoML's
-            # `threads`), so none waits inside BentoML, where no deadline applies.
-            run_slots or _service_threads(),
-            settings.REQUEST_TIMEOUT_SECONDS,
-            settings.MAX_PENDING_BODY_BYTES,
-        )
+        self.admission = worker_admission()
         self._announcer: asyncio.Task | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -115,7 +105,8 @@ class ContractGate:
             await self.app(scope, receive, _ContractErrors(send))
             return
         admission = self.admission
-        headers_at = asyncio.get_running_loop().time()
+        # Set by the FrontDoor, which took the request's place if it had to wait for one.
+        headers_at = scope.get(HEADERS_AT) or asyncio.get_running_loop().time()
         answer_by = headers_at + admission.timeout
         errors = _ContractErrors(send)
         placed = False
@@ -124,8 +115,9 @@ class ContractGate:
                 headers = _headers(scope)
                 content_type = check.content_type(headers)
                 declared = _declared_length(headers, self.max_body_bytes)
-                await admission.enter(answer_by)
-                placed = True
+                if not scope.get(PLACED):
+                    await admission.enter(answer_by)
+                    placed = True
                 await _check_ready(answer_by)
                 body = await self._read_body(declared, receive, headers_at + settings.BODY_TIMEOUT_SECONDS)
                 check.body(body, content_type)
@@ -202,6 +194,118 @@ async def _announce_when_loaded() -> None:
     server.worker_loaded(ready=classifier is None or classifier.ready)
 
 
+# Keys of the scope through which the FrontDoor tells the gate about a request it placed.
+HEADERS_AT, PLACED = "weather.headers_at", "weather.placed"
+
+
+class FrontDoor:
+    """The first ASGI layer of a worker's requests, below all of BentoML's middleware
+    (bentos.server puts it in front of the app uvicorn serves, for each connection).
+
+    A predict request that finds the worker full waits here for its place, and is refused
+    here if none comes in time (503), instead of inside BentoML's middleware, where each
+    request also opens tracing spans, starts a timeout task and wraps every message. Under
+    overload most requests are refused so (at 600 clients that retry at once, five in six
+    for the torch service), and the torch service then serves about a tenth more. The
+    refusal is still counted in BentoML's request metrics (``_BentoMLMetrics``), but not
+    traced or access-logged. A request that finds a place free, and one whose headers the
+    gate will refuse anyway (415, 413), pass straight on: the gate takes the place of a
+    request the front door did not place.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        check = _CHECKS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        admission = worker_admission()
+        if check is None or admission.held < admission.capacity or not _acceptable_head(check, scope):
+            await self.app(scope, receive, send)
+            return
+        headers_at = asyncio.get_running_loop().time()
+        try:
+            await admission.enter(headers_at + admission.timeout)
+        except RequestError as exc:
+            await send_error(send, exc.status, exc.message)
+            _BentoMLMetrics.count(self.app, scope["path"], exc.status, headers_at)
+            return
+        try:
+            await self.app(dict(scope, **{HEADERS_AT: headers_at, PLACED: True}), receive, send)
+        finally:
+            admission.leave()
+
+
+server.front_door = FrontDoor
+
+
+def _acceptable_head(check: _Check, scope: Scope) -> bool:
+    """Whether the gate would let these headers wait for a place (else it refuses them at once)."""
+    try:
+        headers = _headers(scope)
+        check.content_type(headers)
+        _declared_length(headers, settings.MAX_BODY_BYTES)
+    except RequestError:
+        return False
+    return True
+
+
+class _BentoMLMetrics:
+    """BentoML's request metrics, counted for an answer that never passed its middleware.
+
+    The metrics middleware (bentoml/_internal/server/http/instruments.py) is found once by
+    following the ``app`` of each layer from the app uvicorn serves (``middleware_stack`` for
+    Starlette's); its counter and histogram get what it would have recorded, with its labels.
+    tests/test_bentos_reliability.py checks that refusals at the front door are counted.
+    """
+
+    _found: Any = None
+
+    @classmethod
+    def count(cls, app: Any, endpoint: str, status: int, headers_at: float) -> None:
+        metrics = cls._found or cls._find(app)
+        if metrics is None or not getattr(metrics, "_is_setup", False):
+            return
+        from bentoml._internal.context import server_context
+
+        labels = {
+            "endpoint": endpoint,
+            "service_name": server_context.bento_name,
+            "service_version": server_context.bento_version,
+            "http_response_code": status,
+            "runner_name": server_context.service_name,
+        }
+        metrics.metrics_request_total.labels(**labels).inc()
+        elapsed = max(asyncio.get_running_loop().time() - headers_at, 0.0)
+        metrics.metrics_request_duration.labels(**labels).observe(elapsed)
+
+    @classmethod
+    def _find(cls, app: Any) -> Any:
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+        for _ in range(32):  # a handful of layers; bounded in case of a cycle
+            if isinstance(app, RunnerTrafficMetricsMiddleware):
+                cls._found = app
+                return app
+            app = getattr(app, "middleware_stack", None) or getattr(app, "app", None)
+            if app is None:
+                break
+        return None
+
+
+@functools.cache
+def worker_admission() -> Admission:
+    """This worker's Admission, shared by its FrontDoor and its gate."""
+    return Admission(
+        settings.QUEUE_CAPACITY,
+        settings.MAX_WAITING_REQUESTS,
+        # As many requests run as the worker has threads to run them (BentoML's `threads`),
+        # so none waits inside BentoML, where no deadline applies.
+        _service_threads(),
+        settings.REQUEST_TIMEOUT_SECONDS,
+        settings.MAX_PENDING_BODY_BYTES,
+    )
+
+
 def _service_threads() -> int:
     """BentoML's `threads` of the service being served, else the setting it is made from."""
     from bentoml._internal.context import server_context
@@ -212,14 +316,19 @@ def _service_threads() -> int:
 
 class Admission:
     """One worker's predict requests: their places, the bytes of bodies still arriving, and
-    the run slots, each granted in arrival order.
+    the run slots, each granted in arrival order to the requests that can still be answered.
 
     A request takes a place at its headers, or waits for one there with its body unread
     (uvicorn stops reading a connection once 64 KiB of its body are buffered, so TCP holds
     the client back), and keeps it until answered; then it takes a run slot once its body is
     in. Every request is answered, or refused with 503, by its ``answer_by``: its headers
-    plus REQUEST_TIMEOUT_SECONDS. A run that would end after it is not started; how long a
-    run takes is the recent mean (``expected_run``).
+    plus REQUEST_TIMEOUT_SECONDS. How long a run takes is the recent mean (``expected_run``).
+    A place is not given to a request that could not be answered in time behind the
+    requests already placed (``capacity`` runs over ``slots``), nor a slot to one whose run
+    would end late: it is passed over, waits on (so that a client retrying at once is held
+    back as long as its deadline allows) and gets 503 when a run could no longer end by its
+    deadline. Under overload a request that is given a place is then served: none is
+    refused after its body was read, which would cost the worker the reading for nothing.
 
     Nothing here allocates for a request that finds a place and a slot free; one that waits
     gets a future, a timer for its deadline and, for a slot, a task that notices its client
@@ -230,9 +339,11 @@ class Admission:
         self.capacity = capacity
         self.max_waiting = max_waiting
         self.held = 0  # places taken: headers in, answer not yet complete
-        self.entering: deque[asyncio.Future] = deque()  # waiting at their headers for a place
+        self.entering: deque[_Waiter] = deque()  # waiting at their headers for a place
+        self.waiting = 0  # waiting at their headers, passed over or not
+        self.slots = slots
         self.free = slots  # run slots; while > 0, nobody waits for one
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[_Waiter] = deque()
         self.timeout = timeout
         self.expected_run = 0.0  # seconds: the mean of recent runs (slot taken to answer started)
         self.max_pending = max_pending
@@ -247,15 +358,21 @@ class Admission:
         if self.held < self.capacity:
             self.held += 1
             return
-        if len(self.entering) >= self.max_waiting:
+        if self.waiting >= self.max_waiting:
             raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
-        until = answer_by - self.expected_run
-        if await self._wait(self.entering, until, self.leave) is not _GRANTED:
+        self.waiting += 1
+        try:
+            outcome = await self._wait(self.entering, answer_by, self.leave)
+        finally:
+            self.waiting -= 1
+        if outcome is not _GRANTED:
             raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
 
     def leave(self) -> None:
-        """A request's place is free: to the first request waiting at its headers, else back."""
-        if not _grant_first(self.entering):
+        """A request's place is free: to the first request waiting at its headers that could
+        be answered in time behind the others placed, else back."""
+        queued = self.expected_run * self.capacity / self.slots
+        if not _grant_first(self.entering, asyncio.get_running_loop().time() + queued):
             self.held -= 1
 
     def reserve(self, size: int, already: int = 0) -> None:
@@ -273,56 +390,53 @@ class Admission:
         could not end by ``answer_by``, or if the client disconnects meanwhile. Returns when
         the run starts, for ``finish``."""
         loop = asyncio.get_running_loop()
-        start_by = answer_by - self.expected_run
-        if self.free and loop.time() <= start_by:
+        if self.free and loop.time() <= answer_by - self.expected_run:
             self.free -= 1
             return loop.time()
         if not self.free:
             # The body has been read, so receive() returns only when the client disconnects.
-            outcome = await self._wait(self.waiters, start_by, self.finish, receive)
+            outcome = await self._wait(self.waiters, answer_by, self.finish, receive)
             if outcome is _GONE:
                 raise RequestError(
                     "the client disconnected before the request could start", HTTPStatus.SERVICE_UNAVAILABLE
                 )
             if outcome is _GRANTED:
-                if loop.time() <= answer_by - self.expected_run:  # the mean may have grown meanwhile
-                    return loop.time()
-                self.finish()
+                return loop.time()
         raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
 
     def finish(self, started: float | None = None) -> None:
         """A run slot is free again (its run began at ``started``, if it ran): to the first
-        request still waiting, else back to the pool."""
+        request still waiting whose run could end in time, else back to the pool."""
+        now = asyncio.get_running_loop().time()
         if started is not None:
-            run = asyncio.get_running_loop().time() - started
-            self.expected_run += RUN_WEIGHT * (run - self.expected_run)
-        if not _grant_first(self.waiters):
+            self.expected_run += RUN_WEIGHT * (now - started - self.expected_run)
+        if not _grant_first(self.waiters, now + self.expected_run):
             self.free += 1
 
     async def _wait(
-        self, line: deque[asyncio.Future], until: float, give_back: Callable[[], None], receive: Receive | None = None
+        self, line: deque[_Waiter], answer_by: float, give_back: Callable[[], None], receive: Receive | None = None
     ) -> str:
-        """Wait in ``line`` to be granted (_GRANTED), until ``until`` (_TIMED_OUT), or, given
-        ``receive``, for the client to leave (_GONE)."""
+        """Wait in ``line`` to be granted (_GRANTED), until a run could no longer end by
+        ``answer_by`` (_TIMED_OUT), or, given ``receive``, for the client to leave (_GONE)."""
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = _Waiter(answer_by, loop.create_future())
         line.append(waiter)
-        deadline = loop.call_at(until, _settle, waiter, _TIMED_OUT)
+        deadline = loop.call_at(answer_by - self.expected_run, _settle, waiter.future, _TIMED_OUT)
         gone = None
         if receive is not None:
             gone = loop.create_task(_disconnected(receive))
-            gone.add_done_callback(lambda _: _settle(waiter, _GONE))
+            gone.add_done_callback(lambda _: _settle(waiter.future, _GONE))
         try:
-            return await waiter
+            return await waiter.future
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.result() is _GRANTED:
+            if waiter.granted:
                 give_back()
             raise
         finally:
             deadline.cancel()
             if gone is not None:
                 gone.cancel()
-            if not waiter.done() or waiter.result() is not _GRANTED:
+            if not waiter.granted:
                 with contextlib.suppress(ValueError):
                     line.remove(waiter)  # not granted: it no longer counts as waiting
 
@@ -330,18 +444,33 @@ class Admission:
 # The weight of the latest run in the mean run time (Admission.expected_run).
 RUN_WEIGHT = 0.25
 
+_GRANTED, _TIMED_OUT, _GONE = "granted", "timed out", "gone"
 
-def _grant_first(line: deque[asyncio.Future]) -> bool:
-    """Grant the first waiter of ``line`` still waiting; False if there is none."""
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A request waiting in one of Admission's lines."""
+
+    answer_by: float
+    future: asyncio.Future
+
+    @property
+    def granted(self) -> bool:
+        future = self.future
+        return future.done() and not future.cancelled() and future.result() is _GRANTED
+
+
+def _grant_first(line: deque[_Waiter], answered_at: float) -> bool:
+    """Grant the first waiter of ``line`` still waiting that, granted now, would be answered
+    by ``answered_at`` within its deadline; False if there is none. Those before it are
+    passed over for good (they came first, so their deadlines are the earliest: none of
+    them could make it later either) and wait for their deadline's timer."""
     while line:
         waiter = line.popleft()
-        if not waiter.done():
-            waiter.set_result(_GRANTED)
+        if not waiter.future.done() and answered_at <= waiter.answer_by:
+            waiter.future.set_result(_GRANTED)
             return True
     return False
-
-
-_GRANTED, _TIMED_OUT, _GONE = "granted", "timed out", "gone"
 
 
 def _settle(waiter: asyncio.Future, outcome: str) -> None:

@@ -73,6 +73,9 @@ SHUTDOWN_IDLE_SECONDS = 0.5
 LARGE_BODY_BYTES = 1 << 20
 # The most a Content-Length may say (docs/contract.md: a decimal number below 2^63).
 CONTENT_LENGTH_LIMIT = 1 << 63
+# Wraps the app a worker's connections serve: bentos.http sets its FrontDoor (this module
+# does not import bentos.http, which imports it).
+front_door: Any = None
 
 
 # --- one worker process's state --------------------------------------------------------------
@@ -357,6 +360,8 @@ class ContractProtocol(H11Protocol):
             config.timeout_graceful_shutdown = settings.GRACEFUL_TIMEOUT_SECONDS
         self.header_limit = config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         self.conn = _Connection(self, self.header_limit)
+        if front_door is not None:
+            self.app = front_door(self.app)
         self._raw: asyncio.Transport = None  # type: ignore[assignment]
         self._head_since = 0.0  # when the wait for the current request head began
         self._timer: asyncio.TimerHandle | None = None  # header timeout, or the discard's deadline

@@ -402,6 +402,34 @@ def test_places_are_taken_in_arrival_order_by_requests_waiting_at_their_headers(
     _run(scenario())
 
 
+def test_a_place_is_not_given_to_a_request_the_queue_would_keep_past_its_deadline():
+    """Granted a place, a request has the others placed ahead of it (``capacity`` runs over
+    ``slots``): one that could not then be answered in time is passed over for the next in
+    line, and gets 503 when a run could no longer end by its deadline, not before."""
+
+    async def scenario() -> None:
+        admission = http.Admission(capacity=2, max_waiting=4, slots=1, timeout=5, max_pending=MIB)
+        admission.expected_run = 0.05  # two runs ahead: 0.1 s
+        await admission.enter(_by(5))
+        await admission.enter(_by(5))
+        waiting_since = time.monotonic()
+        doomed = asyncio.create_task(admission.enter(_by(0.15)))
+        served = asyncio.create_task(admission.enter(_by(5)))
+        await asyncio.sleep(0.06)  # the first has 0.09 s left: less than the queue ahead
+        admission.leave()
+        await served
+        assert not doomed.done(), "passed over, it waits on"
+        assert admission.waiting == 1
+        with pytest.raises(http.RequestError) as refused:
+            await doomed
+        assert refused.value.status == 503
+        assert time.monotonic() - waiting_since >= 0.09, "refused at its deadline less a run"
+        assert admission.waiting == 0
+        assert admission.held == 2
+
+    _run(scenario())
+
+
 def test_a_request_whose_client_leaves_while_waiting_is_not_started():
     async def scenario() -> None:
         admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=MIB)
@@ -541,9 +569,11 @@ def test_a_full_worker_answers_503_at_the_headers_and_discards_the_body(service,
     """QUEUE_CAPACITY requests held (bodies still arriving count) and MAX_WAITING_REQUESTS
     waiting for a place: one more gets 503 with Retry-After at once, though its client writes
     the whole body first, and its connection then serves the next request: the body was read
-    and discarded, never parsed. The waiting ones get 503 at their deadline."""
+    and discarded, never parsed. The waiting ones get 503 at their deadline. These refusals
+    never reach BentoML's middleware (bentos.http.FrontDoor), yet its metrics count them."""
     port, capacity = service.port, int(POLICY["QUEUE_CAPACITY"])
     wait_idle(port)
+    refused_before = answered(port, RAW_ROUTE, "503")
     with stalled_uploads(port, capacity + int(POLICY["MAX_WAITING_REQUESTS"])) as stalled, connect(port) as sock:
         held, waiting = stalled[:capacity], stalled[capacity:]
         big = b"\xff\xd8\xff" + b"\x00" * (3 * MIB)
@@ -555,6 +585,7 @@ def test_a_full_worker_answers_503_at_the_headers_and_discards_the_body(service,
         for other in waiting:
             assert "could not be answered within 1 s" in check_error(read_reply(other, timeout_s=10), 503)
         assert all(still_waiting(other) for other in held)
+        assert answered(port, RAW_ROUTE, "503") - refused_before == 1 + len(waiting)
         for other in held:
             other.close()
         time.sleep(0.3)

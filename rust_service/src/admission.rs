@@ -5,7 +5,9 @@
 //! A request takes a place at its headers, before its body is read. One that finds every
 //! place taken waits there, its body unread, in arrival order, until a place frees or its
 //! deadline passes: the HTTP layer then stops reading its connection, so TCP holds the
-//! client back instead of the service refusing it over and over. At most `max_waiting`
+//! client back instead of the service refusing it over and over. A place that would come
+//! too late to answer a request in time is passed on to the next (see [`Admission::admit`]).
+//! At most `max_waiting`
 //! wait; one more is refused at once. A [`Permit`] gives back what it took when
 //! dropped, so a request that ends any way (answered, failed, or its client gone and its
 //! handler dropped) releases its place; a waiting request whose handler is dropped leaves
@@ -68,19 +70,39 @@ impl Admission {
     /// A place for one more request: at once if one is free, else after the requests
     /// already waiting, as soon as one frees. [`Refused::Full`] at once when `max_waiting`
     /// requests already wait, [`Refused::TimedOut`] when no place has freed by `until`.
+    /// A place that frees for a waiting request is passed on to the next in line if the
+    /// request could not be answered in time behind the others placed (`in_time`, given
+    /// the moment): it waits on without one, still counted as waiting, so that a client
+    /// retrying at once is held back as long as its deadline allows, and is refused at
+    /// `until` like one no place freed for. Under overload a request given a place is then
+    /// served, instead of refused once its body has been read.
     /// Must run on a Tokio runtime with a timer (any actix-web worker thread).
-    pub async fn admit(self: &Arc<Self>, until: Instant) -> Result<Permit, Refused> {
+    pub async fn admit(
+        self: &Arc<Self>,
+        until: Instant,
+        in_time: impl Fn(Instant) -> bool,
+    ) -> Result<Permit, Refused> {
         if let Some(permit) = self.try_admit() {
             return Ok(permit);
         }
         let _in_line = InLine::join(self).ok_or(Refused::Full)?;
         let place = Arc::clone(&self.places).acquire_owned();
         match tokio::time::timeout_at(until.into(), place).await {
-            Ok(Ok(place)) => Ok(self.permit(place)),
+            Ok(Ok(place)) if in_time(Instant::now()) => Ok(self.permit(place)),
+            Ok(Ok(place)) => {
+                drop(place); // to the next in line
+                tokio::time::sleep_until(until.into()).await;
+                Err(Refused::TimedOut)
+            }
             // The semaphore is never closed; were it, there would be no place to wait for.
             Ok(Err(_)) => Err(Refused::Full),
             Err(_) => Err(Refused::TimedOut),
         }
+    }
+
+    /// Predict requests held at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
@@ -184,6 +206,9 @@ mod tests {
     use futures_util::FutureExt;
     use std::time::Duration;
 
+    /// Every place comes in time.
+    const ANY_TIME: fn(Instant) -> bool = |_| true;
+
     /// A deadline no test reaches.
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(600)
@@ -261,12 +286,12 @@ mod tests {
         let admission = Admission::new(2, 2, 100);
         let first = admission.try_admit().expect("room for 1");
         let second = admission
-            .admit(far())
+            .admit(far(), ANY_TIME)
             .now_or_never()
             .expect("a free place is taken at once")
             .expect("room for 2");
-        let mut a = Box::pin(admission.admit(far()));
-        let mut b = Box::pin(admission.admit(far()));
+        let mut a = Box::pin(admission.admit(far(), ANY_TIME));
+        let mut b = Box::pin(admission.admit(far(), ANY_TIME));
         assert!((&mut a).now_or_never().is_none(), "a waits");
         assert!((&mut b).now_or_never().is_none(), "b waits, behind a");
         assert_eq!(admission.waiting(), 2);
@@ -300,9 +325,9 @@ mod tests {
     async fn one_beyond_the_places_and_as_many_waiting_is_refused_at_once() {
         let admission = Admission::new(1, 1, 100);
         let _held = admission.try_admit().expect("the one place");
-        let mut waiting = Box::pin(admission.admit(far()));
+        let mut waiting = Box::pin(admission.admit(far(), ANY_TIME));
         assert!((&mut waiting).now_or_never().is_none(), "one may wait");
-        let refused = admission.admit(far()).now_or_never();
+        let refused = admission.admit(far(), ANY_TIME).now_or_never();
         assert!(
             matches!(refused, Some(Err(Refused::Full))),
             "a second may not: {refused:?}"
@@ -314,7 +339,7 @@ mod tests {
         );
 
         let none = Admission::new(0, 0, 100);
-        let refused = none.admit(far()).now_or_never();
+        let refused = none.admit(far(), ANY_TIME).now_or_never();
         assert!(matches!(refused, Some(Err(Refused::Full))), "{refused:?}");
     }
 
@@ -323,7 +348,7 @@ mod tests {
         let admission = Admission::new(1, 1, 100);
         let _held = admission.try_admit().expect("the one place");
         let until = Instant::now() + Duration::from_millis(100);
-        let waited = admission.admit(until).await;
+        let waited = admission.admit(until, ANY_TIME).await;
         assert!(matches!(waited, Err(Refused::TimedOut)), "{waited:?}");
         assert!(Instant::now() >= until, "not before its deadline");
         assert_eq!(admission.waiting(), 0);
@@ -331,17 +356,48 @@ mod tests {
     }
 
     #[actix_web::test]
+    async fn a_place_that_comes_too_late_goes_to_the_next_in_line() {
+        let admission = Admission::new(1, 2, 100);
+        let held = admission.try_admit().expect("the one place");
+        let until = Instant::now() + Duration::from_millis(100);
+        let mut late = Box::pin(admission.admit(until, |_| false));
+        let mut next = Box::pin(admission.admit(far(), ANY_TIME));
+        assert!((&mut late).now_or_never().is_none());
+        assert!((&mut next).now_or_never().is_none());
+        drop(held);
+        assert!(
+            (&mut late).now_or_never().is_none(),
+            "passed over, it waits on"
+        );
+        let next = next.await.expect("the place passed on");
+        assert_eq!(
+            admission.waiting(),
+            1,
+            "the one passed over still counts as waiting"
+        );
+        let refused = late.await;
+        assert!(matches!(refused, Err(Refused::TimedOut)), "{refused:?}");
+        assert!(
+            Instant::now() >= until,
+            "refused at its deadline, not before"
+        );
+        assert_eq!(admission.waiting(), 0);
+        assert_eq!(admission.held(), 1);
+        drop(next);
+    }
+
+    #[actix_web::test]
     async fn a_dropped_waiter_leaves_the_line_and_any_place_it_was_given() {
         let admission = Admission::new(1, 1, 100);
         let held = admission.try_admit().expect("the one place");
-        let mut gone = Box::pin(admission.admit(far()));
+        let mut gone = Box::pin(admission.admit(far(), ANY_TIME));
         assert!((&mut gone).now_or_never().is_none());
         assert_eq!(admission.waiting(), 1);
         drop(gone);
         assert_eq!(admission.waiting(), 0, "its client left");
 
         // Given the freed place, but dropped before it looked: the place is not lost.
-        let mut gone = Box::pin(admission.admit(far()));
+        let mut gone = Box::pin(admission.admit(far(), ANY_TIME));
         assert!((&mut gone).now_or_never().is_none());
         drop(held);
         assert_eq!(admission.held(), 1, "promised to the one waiting");

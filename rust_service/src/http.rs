@@ -300,12 +300,15 @@ async fn receive(
     // The payload is not polled while the request waits: once its small buffer is full,
     // actix-http stops reading the connection, so TCP holds the client back rather than
     // the service taking in a body it cannot serve yet.
-    // No place is given once a run could no longer end by the deadline.
+    // No place is given once a run could no longer end by the deadline, nor one that
+    // comes while the requests placed ahead would keep this one past it.
     let answer_by = headers_at + limits.request_timeout;
     let place_by = answer_by
         .checked_sub(state.inferencer.expected_run())
         .unwrap_or(headers_at);
-    let admitted = state.admission.admit(place_by).await;
+    let admission = &state.admission;
+    let behind = |now| now + state.inferencer.queue_time(admission.capacity()) <= answer_by;
+    let admitted = admission.admit(place_by, behind).await;
     let mut permit = match admitted {
         Ok(permit) => permit,
         Err(refused) => {
@@ -822,7 +825,7 @@ mod tests {
         let state = state_with(Inferencer::fake(Batching::OFF), LIMITS, 1, 1 << 20);
         let held = state.admission.try_admit().expect("the one place");
         let far = Instant::now() + Duration::from_secs(600);
-        let mut waiting = Box::pin(state.admission.admit(far));
+        let mut waiting = Box::pin(state.admission.admit(far, |_| true));
         assert!((&mut waiting).now_or_never().is_none(), "the one in line");
         // Not even JSON: had it been parsed, it would be a 400.
         let (status, headers, json) = call_full(&state, json_request("not json"), None).await;

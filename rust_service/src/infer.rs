@@ -78,6 +78,8 @@ pub struct Inferencer {
     jobs: Sender<Job>,
     request_timeout: Duration,
     expected_run: Arc<ExpectedRun>,
+    /// The workers that take jobs from `jobs`, at least 1.
+    workers: u32,
 }
 
 /// What a run is expected to take: the exponentially weighted mean of the recent runs,
@@ -133,6 +135,11 @@ impl Inferencer {
     /// What a run is expected to take now (the workers' recent mean).
     pub fn expected_run(&self) -> Duration {
         self.expected_run.get()
+    }
+
+    /// How long the workers would take, by the recent mean run, to answer `requests`.
+    pub fn queue_time(&self, requests: usize) -> Duration {
+        self.expected_run() * u32::try_from(requests).unwrap_or(u32::MAX) / self.workers
     }
 }
 
@@ -215,6 +222,7 @@ pub fn start(
             jobs,
             request_timeout,
             expected_run,
+            workers: u32::try_from(options.workers.max(1)).unwrap_or(u32::MAX),
         },
         WorkerPool { handles },
     ))
@@ -770,6 +778,7 @@ pub(crate) mod testing {
                 jobs,
                 request_timeout,
                 expected_run,
+                workers: 1,
             }
         }
     }
