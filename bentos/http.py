@@ -105,17 +105,16 @@ class ContractGate:
             await self.app(scope, receive, _ContractErrors(send))
             return
         admission = self.admission
-        # Set by the FrontDoor, which took the request's place if it had to wait for one.
-        headers_at = scope.get(HEADERS_AT) or asyncio.get_running_loop().time()
+        # Set by the FrontDoor if the request waited there, and got its place.
+        placed_at_door = HEADERS_AT in scope
+        headers_at = scope[HEADERS_AT] if placed_at_door else asyncio.get_running_loop().time()
         answer_by = headers_at + admission.timeout
         errors = _ContractErrors(send)
         placed = False
         try:
             try:
-                headers = _headers(scope)
-                content_type = check.content_type(headers)
-                declared = _declared_length(headers, self.max_body_bytes)
-                if not scope.get(PLACED):
+                content_type, declared = check.head(scope, self.max_body_bytes)
+                if not placed_at_door:
                     await admission.enter(answer_by)
                     placed = True
                 await _check_ready(answer_by)
@@ -194,8 +193,9 @@ async def _announce_when_loaded() -> None:
     server.worker_loaded(ready=classifier is None or classifier.ready)
 
 
-# Keys of the scope through which the FrontDoor tells the gate about a request it placed.
-HEADERS_AT, PLACED = "weather.headers_at", "weather.placed"
+# The scope's key through which the FrontDoor tells the gate it placed a request, and when
+# that request's headers came.
+HEADERS_AT = "weather.headers_at"
 
 
 class FrontDoor:
@@ -207,7 +207,7 @@ class FrontDoor:
     request also opens tracing spans, starts a timeout task and wraps every message. Under
     overload most requests are refused so (at 600 clients that retry at once, five in six
     for the torch service), and the torch service then serves about a tenth more. The
-    refusal is still counted in BentoML's request metrics (``_BentoMLMetrics``), but not
+    refusal is still counted in BentoML's request metrics (``_count_in_bentoml_metrics``), but not
     traced or access-logged. A request that finds a place free, and one whose headers the
     gate will refuse anyway (415, 413), pass straight on: the gate takes the place of a
     request the front door did not place.
@@ -219,7 +219,7 @@ class FrontDoor:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         check = _CHECKS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         admission = worker_admission()
-        if check is None or admission.held < admission.capacity or not _acceptable_head(check, scope):
+        if check is None or admission.held < admission.capacity or not check.acceptable(scope):
             await self.app(scope, receive, send)
             return
         headers_at = asyncio.get_running_loop().time()
@@ -227,10 +227,10 @@ class FrontDoor:
             await admission.enter(headers_at + admission.timeout)
         except RequestError as exc:
             await send_error(send, exc.status, exc.message)
-            _BentoMLMetrics.count(self.app, scope["path"], exc.status, headers_at)
+            _count_in_bentoml_metrics(self.app, scope["path"], exc.status, headers_at)
             return
         try:
-            await self.app(dict(scope, **{HEADERS_AT: headers_at, PLACED: True}), receive, send)
+            await self.app(dict(scope, **{HEADERS_AT: headers_at}), receive, send)
         finally:
             admission.leave()
 
@@ -238,58 +238,40 @@ class FrontDoor:
 server.front_door = FrontDoor
 
 
-def _acceptable_head(check: _Check, scope: Scope) -> bool:
-    """Whether the gate would let these headers wait for a place (else it refuses them at once)."""
-    try:
-        headers = _headers(scope)
-        check.content_type(headers)
-        _declared_length(headers, settings.MAX_BODY_BYTES)
-    except RequestError:
-        return False
-    return True
+def _count_in_bentoml_metrics(app: Any, endpoint: str, status: int, headers_at: float) -> None:
+    """Count an answer that never passed BentoML's metrics middleware as that middleware
+    (bentoml/_internal/server/http/instruments.py) would have: in its own counter and
+    histogram, with its labels. tests/test_bentos_reliability.py checks the count."""
+    metrics = _metrics_middleware(app)
+    if metrics is None or not getattr(metrics, "_is_setup", False):
+        return
+    from bentoml._internal.context import server_context
+
+    labels = {
+        "endpoint": endpoint,
+        "service_name": server_context.bento_name,
+        "service_version": server_context.bento_version,
+        "http_response_code": status,
+        "runner_name": server_context.service_name,
+    }
+    metrics.metrics_request_total.labels(**labels).inc()
+    elapsed = max(asyncio.get_running_loop().time() - headers_at, 0.0)
+    metrics.metrics_request_duration.labels(**labels).observe(elapsed)
 
 
-class _BentoMLMetrics:
-    """BentoML's request metrics, counted for an answer that never passed its middleware.
+@functools.cache
+def _metrics_middleware(app: Any) -> Any:
+    """BentoML's metrics middleware in ``app``, found by following each layer's ``app``
+    (``middleware_stack`` for Starlette's); None if metrics are off."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
-    The metrics middleware (bentoml/_internal/server/http/instruments.py) is found once by
-    following the ``app`` of each layer from the app uvicorn serves (``middleware_stack`` for
-    Starlette's); its counter and histogram get what it would have recorded, with its labels.
-    tests/test_bentos_reliability.py checks that refusals at the front door are counted.
-    """
-
-    _found: Any = None
-
-    @classmethod
-    def count(cls, app: Any, endpoint: str, status: int, headers_at: float) -> None:
-        metrics = cls._found or cls._find(app)
-        if metrics is None or not getattr(metrics, "_is_setup", False):
-            return
-        from bentoml._internal.context import server_context
-
-        labels = {
-            "endpoint": endpoint,
-            "service_name": server_context.bento_name,
-            "service_version": server_context.bento_version,
-            "http_response_code": status,
-            "runner_name": server_context.service_name,
-        }
-        metrics.metrics_request_total.labels(**labels).inc()
-        elapsed = max(asyncio.get_running_loop().time() - headers_at, 0.0)
-        metrics.metrics_request_duration.labels(**labels).observe(elapsed)
-
-    @classmethod
-    def _find(cls, app: Any) -> Any:
-        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
-
-        for _ in range(32):  # a handful of layers; bounded in case of a cycle
-            if isinstance(app, RunnerTrafficMetricsMiddleware):
-                cls._found = app
-                return app
-            app = getattr(app, "middleware_stack", None) or getattr(app, "app", None)
-            if app is None:
-                break
-        return None
+    for _ in range(32):  # a handful of layers; bounded in case of a cycle
+        if isinstance(app, RunnerTrafficMetricsMiddleware):
+            return app
+        app = getattr(app, "middleware_stack", None) or getattr(app, "app", None)
+        if app is None:
+            break
+    return None
 
 
 @functools.cache
@@ -534,6 +516,20 @@ class _Check:
     """What one route accepts, checked before BentoML parses the request."""
 
     forced_content_type: bytes | None = None
+
+    def head(self, scope: Scope, max_body_bytes: int) -> tuple[tuple[str, dict[bytes, bytes]], int]:
+        """The request's content type and declared body length, once its headers pass (415,
+        400, 413 otherwise)."""
+        headers = _headers(scope)
+        return self.content_type(headers), _declared_length(headers, max_body_bytes)
+
+    def acceptable(self, scope: Scope) -> bool:
+        """Whether its headers pass ``head``, i.e. the gate would let the request wait for a place."""
+        try:
+            self.head(scope, settings.MAX_BODY_BYTES)
+        except RequestError:
+            return False
+        return True
 
     def content_type(self, headers: dict[bytes, bytes]) -> tuple[str, dict[bytes, bytes]]:
         kind, options = parse_options_header(headers.get(b"content-type", b""))

@@ -7,11 +7,10 @@
 //! deadline passes: the HTTP layer then stops reading its connection, so TCP holds the
 //! client back instead of the service refusing it over and over. A place that would come
 //! too late to answer a request in time is passed on to the next (see [`Admission::admit`]).
-//! At most `max_waiting`
-//! wait; one more is refused at once. A [`Permit`] gives back what it took when
-//! dropped, so a request that ends any way (answered, failed, or its client gone and its
-//! handler dropped) releases its place; a waiting request whose handler is dropped leaves
-//! the line.
+//! At most `max_waiting` wait; one more is refused at once. A [`Permit`] gives back what it
+//! took when dropped, so a request that ends any way (answered, failed, or its client gone
+//! and its handler dropped) releases its place; a waiting request whose handler is dropped
+//! leaves the line.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -307,8 +307,8 @@ async fn receive(
         .checked_sub(state.inferencer.expected_run())
         .unwrap_or(headers_at);
     let admission = &state.admission;
-    let behind = |now| now + state.inferencer.queue_time(admission.capacity()) <= answer_by;
-    let admitted = admission.admit(place_by, behind).await;
+    let in_time = |now| now + state.inferencer.queue_time(admission.capacity()) <= answer_by;
+    let admitted = admission.admit(place_by, in_time).await;
     let mut permit = match admitted {
         Ok(permit) => permit,
         Err(refused) => {
