@@ -56,6 +56,7 @@ from typing import Any
 import h11
 import uvicorn.config
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # uvicorn's h11_impl imports it too
+from h11._readers import ContentLengthReader
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -398,6 +399,9 @@ class ContractProtocol(H11Protocol):
             if self._discard_left <= 0:  # more than DISCARD_BODY_BYTES: give up on this client
                 self._abort()
                 return
+            data = self._skip_refused_body(data)
+            if not data:
+                return
         super().data_received(data)
         conn = self.conn
         if self._discard_left and (conn.their_state is not h11.SEND_BODY or conn.our_state is not h11.DONE):
@@ -492,6 +496,22 @@ class ContractProtocol(H11Protocol):
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
             raise h11.RemoteProtocolError("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+
+    def _skip_refused_body(self, data: bytes) -> bytes:
+        """What of ``data`` h11 must still parse while a refused body with a declared length
+        is discarded: its bytes are counted off h11's reader instead of going through h11, which
+        copies each of them twice and hands them to uvicorn to drop (0.16 ms of the one core
+        for the benchmark's 324 KB body, measured in-process; a refusal under overload costs the
+        worker about 0.45 ms in all, by the throughput it loses per 503). The body's
+        last byte is left to h11, so that h11 itself ends the message and goes on to the next."""
+        reader = self.conn._reader  # h11 0.16: the current body's reader, by its class
+        if type(reader) is not ContentLengthReader or self.conn.trailing_data[0]:
+            return data  # chunked, or h11 holds bytes not yet parsed: h11 reads on
+        skip = min(len(data), reader._remaining - 1)
+        if skip <= 0:
+            return data
+        reader._remaining -= skip
+        return data[skip:]
 
     def _watch_head(self) -> None:
         """Start the header timeout if the client has begun a request head and it is incomplete."""

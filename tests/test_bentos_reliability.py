@@ -562,6 +562,29 @@ def test_the_arbiter_bentoml_creates_is_the_patched_one():
     assert "def manage_watchers" in inspect.getsource(circus_arbiter.Arbiter)
 
 
+def test_a_body_counted_off_h11s_reader_ends_as_if_h11_had_read_it():
+    """ContractProtocol discards a refused body by lowering the remaining count of h11's
+    ContentLengthReader (``conn._reader._remaining``) and handing h11 only the body's last
+    byte: h11 then ends the message and parses the next request in the same data."""
+    import h11
+    from h11._readers import ContentLengthReader
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    assert type(conn.next_event()) is h11.Request
+    assert type(conn._reader) is ContentLengthReader
+    assert conn._reader._remaining == 1000
+    conn.send(h11.Response(status_code=503, headers=[("Content-Length", "0")]))
+    conn.send(h11.EndOfMessage())
+    assert (conn.their_state, conn.our_state, conn.trailing_data) == (h11.SEND_BODY, h11.DONE, (b"", False))
+    conn._reader._remaining -= 999  # what _skip_refused_body does with 999 bytes
+    conn.receive_data(b"x" + b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert conn.next_event() == h11.Data(data=b"x")
+    assert type(conn.next_event()) is h11.EndOfMessage
+    conn.start_next_cycle()
+    assert conn.next_event().target == b"/livez"
+
+
 # --- over HTTP: admission --------------------------------------------------------------------
 
 
