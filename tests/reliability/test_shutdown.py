@@ -8,6 +8,7 @@ as Kubernetes and Docker send it (for a bento, the ``bentoml serve`` process).""
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from . import rawhttp
 from .control import send_signal, wait_exit
 from .policy import prediction_problem
 
-CLIENTS = 16
+MIN_CLIENTS = 16  # requests in flight at the signal: at least this many, more if they are cheap
 IDLE_CONNECTIONS = 3
 SETTLE_S = 0.5  # after the signal, by when the service has acted on it
 EXIT_MARGIN_S = 1.0  # beyond GRACEFUL_TIMEOUT_SECONDS
@@ -36,16 +37,18 @@ def cost_of(port: int, data: bytes) -> float:
 def test_sigterm_under_load(own_service, photo, medium, heavy, target):
     service, policy, port = own_service, own_service.policy, own_service.port
     behind_proxy = target.startswith("docker-")  # docker-proxy accepts connections on the container's behalf
-    # The cheaper image whose requests keep the worker busy long enough to watch it stop.
+    # The cheapest image whose requests, as many as the worker holds at most, keep it busy
+    # long enough to watch it stop.
     for image in (photo, medium, heavy):
         data = rawhttp.raw_post(port, image)
         cost_s = min(cost_of(port, data) for _ in range(2))
-        if CLIENTS * cost_s >= MIN_DRAIN_S:
+        clients = max(MIN_CLIENTS, math.ceil(MIN_DRAIN_S / cost_s))
+        if clients <= policy.QUEUE_CAPACITY:
             break
-    drain_s = CLIENTS * cost_s
-    if not MIN_DRAIN_S <= drain_s < policy.GRACEFUL_TIMEOUT_SECONDS - IDLE_EXIT_S:
+    drain_s = clients * cost_s
+    if clients > policy.QUEUE_CAPACITY or drain_s >= policy.GRACEFUL_TIMEOUT_SECONDS - IDLE_EXIT_S:
         pytest.fail(
-            f"{CLIENTS} requests of {cost_s:.2f} s take {drain_s:.1f} s: no time to watch, or no time to finish"
+            f"{clients} requests of {cost_s:.2f} s take {drain_s:.1f} s: no time to watch, or no time to finish"
         )
 
     idle = []
@@ -58,8 +61,8 @@ def test_sigterm_under_load(own_service, photo, medium, heavy, target):
         idle.append(sock)
     readyz_connection = idle.pop()
 
-    outcomes = [rawhttp.Outcome("raw", 0.0) for _ in range(CLIENTS)]
-    all_sent = threading.Barrier(CLIENTS + 1)
+    outcomes = [rawhttp.Outcome("raw", 0.0) for _ in range(clients)]
+    all_sent = threading.Barrier(clients + 1)
 
     def client(outcome: rawhttp.Outcome) -> None:
         try:
@@ -78,7 +81,7 @@ def test_sigterm_under_load(own_service, photo, medium, heavy, target):
     try:
         all_sent.wait(30)
     except threading.BrokenBarrierError:
-        pytest.fail(f"could not put {CLIENTS} requests in flight: {[str(o.failure) for o in outcomes if o.failure]}")
+        pytest.fail(f"could not put {clients} requests in flight: {[str(o.failure) for o in outcomes if o.failure]}")
     time.sleep(0.2)  # every request has been received
     signalled = time.monotonic()
     send_signal(service.running, signal.SIGTERM)
