@@ -104,11 +104,11 @@ class ContractGate:
             # Not a request to check, but its errors too are JSON (404, 405, /readyz's 503).
             await self.app(scope, receive, _ContractErrors(send))
             return
-        admission = self.admission
+        admission, loop = self.admission, asyncio.get_running_loop()
         # Set by the FrontDoor if the request waited there, and got its place.
-        placed_at_door = HEADERS_AT in scope
-        headers_at = scope[HEADERS_AT] if placed_at_door else asyncio.get_running_loop().time()
-        answer_by = headers_at + admission.timeout
+        placed_at_door = PLACED in scope
+        headers_at, placed_at = scope[PLACED] if placed_at_door else (loop.time(), 0.0)
+        answer_by = headers_at + admission.answer_within
         errors = _ContractErrors(send)
         placed = False
         try:
@@ -116,7 +116,7 @@ class ContractGate:
                 content_type, declared = check.head(scope, self.max_body_bytes)
                 if not placed_at_door:
                     await admission.enter(answer_by)
-                    placed = True
+                    placed, placed_at = True, loop.time()
                 await _check_ready(answer_by)
                 body = await self._read_body(declared, receive, headers_at + settings.BODY_TIMEOUT_SECONDS)
                 check.body(body, content_type)
@@ -128,6 +128,8 @@ class ContractGate:
             if check.forced_content_type is not None:
                 scope = dict(scope, headers=_with_content_type(scope["headers"], check.forced_content_type))
             await self.app(scope, _replay(body, receive), errors)
+            if errors.status == HTTPStatus.OK:
+                admission.answered(placed_at)
         finally:
             if errors.admission is not None:
                 errors.admission = None
@@ -193,9 +195,9 @@ async def _announce_when_loaded() -> None:
     server.worker_loaded(ready=classifier is None or classifier.ready)
 
 
-# The scope's key through which the FrontDoor tells the gate it placed a request, and when
-# that request's headers came.
-HEADERS_AT = "weather.headers_at"
+# The scope's key through which the FrontDoor tells the gate it placed a request: when that
+# request's headers came, and when it got its place.
+PLACED = "weather.placed"
 
 
 class FrontDoor:
@@ -224,13 +226,14 @@ class FrontDoor:
             return
         headers_at = asyncio.get_running_loop().time()
         try:
-            await admission.enter(headers_at + admission.timeout)
+            await admission.enter(headers_at + admission.answer_within)
         except RequestError as exc:
             await send_error(send, exc.status, exc.message)
             _count_in_bentoml_metrics(self.app, scope["path"], exc.status, headers_at)
             return
         try:
-            await self.app(dict(scope, **{HEADERS_AT: headers_at}), receive, send)
+            placed = (headers_at, asyncio.get_running_loop().time())
+            await self.app(dict(scope, **{PLACED: placed}), receive, send)
         finally:
             admission.leave()
 
@@ -285,6 +288,7 @@ def worker_admission() -> Admission:
         _service_threads(),
         settings.REQUEST_TIMEOUT_SECONDS,
         settings.MAX_PENDING_BODY_BYTES,
+        headroom=settings.ANSWER_HEADROOM_MS / 1000,
     )
 
 
@@ -304,10 +308,10 @@ class Admission:
     (uvicorn stops reading a connection once 64 KiB of its body are buffered, so TCP holds
     the client back), and keeps it until answered; then it takes a run slot once its body is
     in. Every request is answered, or refused with 503, by its ``answer_by``: its headers
-    plus REQUEST_TIMEOUT_SECONDS. How long a run takes is the recent mean (``expected_run``).
-    A place is not given to a request that could not be answered in time behind the
-    requests already placed (``capacity`` runs over ``slots``), nor a slot to one whose run
-    would end late: it is passed over, waits on (so that a client retrying at once is held
+    plus REQUEST_TIMEOUT_SECONDS less ANSWER_HEADROOM_MS. How long a run takes is the
+    recent mean (``expected_run``). A place is not given to a request that could not be
+    answered in time behind the requests already placed (``time_to_answer``), nor a slot to
+    one whose run would end late: it is passed over, waits on (so that a client retrying at once is held
     back as long as its deadline allows) and gets 503 when a run could no longer end by its
     deadline. Under overload a request that is given a place is then served: none is
     refused after its body was read, which would cost the worker the reading for nothing.
@@ -317,7 +321,9 @@ class Admission:
     leaving.
     """
 
-    def __init__(self, capacity: int, max_waiting: int, slots: int, timeout: float, max_pending: int) -> None:
+    def __init__(
+        self, capacity: int, max_waiting: int, slots: int, timeout: float, max_pending: int, headroom: float = 0.0
+    ) -> None:
         self.capacity = capacity
         self.max_waiting = max_waiting
         self.held = 0  # places taken: headers in, answer not yet complete
@@ -327,7 +333,10 @@ class Admission:
         self.free = slots  # run slots; while > 0, nobody waits for one
         self.waiters: deque[_Waiter] = deque()
         self.timeout = timeout
+        # A request's answer_by: its headers plus this (ANSWER_HEADROOM_MS before the deadline).
+        self.answer_within = max(timeout - headroom, 0.0)
         self.expected_run = 0.0  # seconds: the mean of recent runs (slot taken to answer started)
+        self.held_for = TimeInPlace()  # of the requests answered
         self.max_pending = max_pending
         self.pending = 0  # bytes reserved by bodies still arriving
         self.full_message = f"the worker is full ({capacity} requests, {max_waiting} more waiting); retry later"
@@ -353,9 +362,22 @@ class Admission:
     def leave(self) -> None:
         """A request's place is free: to the first request waiting at its headers that could
         be answered in time behind the others placed, else back."""
-        queued = self.expected_run * self.capacity / self.slots
-        if not _grant_first(self.entering, asyncio.get_running_loop().time() + queued):
+        if not _grant_first(self.entering, asyncio.get_running_loop().time() + self.time_to_answer()):
             self.held -= 1
+
+    def answered(self, placed_at: float) -> None:
+        """A request placed at ``placed_at`` has been answered (before it ``leave``s)."""
+        self.held_for.add(asyncio.get_running_loop().time() - placed_at)
+
+    def time_to_answer(self) -> float:
+        """How long a request given a place now should expect to wait for its answer: the
+        longer of the runs of the requests placed ahead (``capacity`` runs over ``slots``, at
+        the mean run), which answers for a load that has just risen, and the bound the recent
+        answered requests' time in place gives, which answers for one that has lasted: it
+        covers what a count of runs leaves out (reading the body, the HTTP work of the other
+        requests on the same core, a run slower than the mean), and its margin keeps nearly
+        all, not half, of the requests placed at the last moment within their deadline."""
+        return max(self.expected_run * self.capacity / self.slots, self.held_for.bound())
 
     def reserve(self, size: int, already: int = 0) -> None:
         """Reserve ``size`` more bytes for a body that holds ``already``. A body alone may go
@@ -425,6 +447,30 @@ class Admission:
 
 # The weight of the latest run in the mean run time (Admission.expected_run).
 RUN_WEIGHT = 0.25
+
+
+class TimeInPlace:
+    """How long answered requests held their place: the smoothed mean and mean deviation,
+    as TCP keeps a round-trip time (RFC 6298, weights 1/8 and 1/4); ``bound`` is the mean plus
+    four deviations, 0 before the first answer (as in the Rust service's admission.rs)."""
+
+    __slots__ = ("deviation", "mean")
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.deviation = 0.0
+
+    def add(self, sample: float) -> None:
+        if self.mean is None:
+            self.mean, self.deviation = sample, sample / 2
+            return
+        error = sample - self.mean
+        self.deviation += (abs(error) - self.deviation) / 4
+        self.mean += error / 8
+
+    def bound(self) -> float:
+        return 0.0 if self.mean is None else self.mean + 4 * self.deviation
+
 
 _GRANTED, _TIMED_OUT, _GONE = "granted", "timed out", "gone"
 

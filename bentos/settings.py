@@ -25,6 +25,7 @@ each defaults to weather/contract.py's value of the same name, per worker proces
     QUEUE_CAPACITY           predict requests one worker holds at once (body arriving,
                              waiting or running); one more gets 503 at its headers
     REQUEST_TIMEOUT_SECONDS  a request whose body is in waits at most this long to start (503)
+    ANSWER_HEADROOM_MS       answers are planned to leave this long before that deadline
     RETRY_AFTER_SECONDS      the Retry-After of every 503
     HEADER_TIMEOUT_SECONDS   request line and headers must arrive within this (408)
     BODY_TIMEOUT_SECONDS     the body must arrive within this of the headers (408)
@@ -88,6 +89,7 @@ ACCESS_LOG = env_flag("ACCESS_LOG", False)
 QUEUE_CAPACITY = env_int("QUEUE_CAPACITY", contract.QUEUE_CAPACITY)
 MAX_WAITING_REQUESTS = env_int("MAX_WAITING_REQUESTS", contract.MAX_WAITING_REQUESTS)
 REQUEST_TIMEOUT_SECONDS = env_int("REQUEST_TIMEOUT_SECONDS", contract.REQUEST_TIMEOUT_SECONDS)
+ANSWER_HEADROOM_MS = env_int("ANSWER_HEADROOM_MS", contract.ANSWER_HEADROOM_MS)
 RETRY_AFTER_SECONDS = env_int("RETRY_AFTER_SECONDS", contract.RETRY_AFTER_SECONDS)
 HEADER_TIMEOUT_SECONDS = env_int("HEADER_TIMEOUT_SECONDS", contract.HEADER_TIMEOUT_SECONDS)
 BODY_TIMEOUT_SECONDS = env_int("BODY_TIMEOUT_SECONDS", contract.BODY_TIMEOUT_SECONDS)

@@ -430,6 +430,47 @@ def test_a_place_is_not_given_to_a_request_the_queue_would_keep_past_its_deadlin
     _run(scenario())
 
 
+def test_a_place_is_not_given_when_recent_requests_held_theirs_too_long_to_answer_in_time():
+    """The runs ahead say 0.1 s, but the requests answered lately held their place ~0.3 s
+    (their bodies, the HTTP work around them): that, with its margin, is what a place given
+    now is judged by."""
+
+    async def scenario() -> None:
+        admission = http.Admission(capacity=2, max_waiting=4, slots=1, timeout=5, max_pending=MIB)
+        admission.expected_run = 0.05  # two runs ahead: 0.1 s
+        loop = asyncio.get_running_loop()
+        for _ in range(40):
+            admission.answered(loop.time() - 0.3)
+        assert 0.3 <= admission.time_to_answer() < 0.32
+        await admission.enter(_by(5))
+        await admission.enter(_by(5))
+        doomed = asyncio.create_task(admission.enter(_by(0.25)))  # time for the runs ahead only
+        served = asyncio.create_task(admission.enter(_by(5)))
+        await asyncio.sleep(0.01)
+        admission.leave()
+        await served
+        assert not doomed.done(), "passed over, it waits on"
+        with pytest.raises(http.RequestError) as refused:
+            await doomed
+        assert refused.value.status == 503
+
+    _run(scenario())
+
+
+def test_time_in_place_is_smoothed_as_rfc_6298_smooths_a_round_trip():
+    held = http.TimeInPlace()
+    assert held.bound() == 0.0, "nothing answered yet"
+    held.add(0.4)
+    assert held.bound() == pytest.approx(0.4 + 4 * 0.2), "the first: half of it as deviation"
+    held.add(0.4)
+    assert held.bound() == pytest.approx(0.4 + 4 * 0.15)
+    held.add(0.48)
+    assert held.bound() == pytest.approx(0.41 + 4 * 0.1325)
+    for _ in range(200):
+        held.add(0.3)
+    assert held.bound() == pytest.approx(0.3, abs=1e-3), "a steady time has no margin left"
+
+
 def test_a_request_whose_client_leaves_while_waiting_is_not_started():
     async def scenario() -> None:
         admission = http.Admission(capacity=8, max_waiting=8, slots=1, timeout=5, max_pending=MIB)

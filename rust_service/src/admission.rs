@@ -13,8 +13,8 @@
 //! leaves the line.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -34,6 +34,8 @@ pub struct Admission {
     /// Bytes reserved by bodies still arriving.
     max_pending_bytes: usize,
     pending_bytes: AtomicUsize,
+    /// How long the recent requests that were answered held their place.
+    held_for: Mutex<TimeInPlace>,
 }
 
 /// Why a request got no place.
@@ -56,6 +58,7 @@ impl Admission {
             admitted: AtomicU64::new(0),
             max_pending_bytes,
             pending_bytes: AtomicUsize::new(0),
+            held_for: Mutex::new(TimeInPlace::default()),
         })
     }
 
@@ -109,8 +112,23 @@ impl Admission {
         Permit {
             admission: Arc::clone(self),
             reserved: 0,
+            placed_at: Instant::now(),
             _place: place,
         }
+    }
+
+    /// How long a request given a place now should expect to hold it until it is answered,
+    /// judging by the recent requests that were: their smoothed time in place plus four
+    /// times its mean deviation, as TCP bounds a round trip (RFC 6298). Zero before the
+    /// first answer. It covers what a count of the runs ahead leaves out (reading the body,
+    /// the HTTP work of the other requests on the same cores, a run slower than the mean),
+    /// and its margin keeps nearly all, not half, of the requests placed at the last moment
+    /// within their deadline.
+    pub fn time_to_answer(&self) -> Duration {
+        self.held_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .bound()
     }
 
     /// Requests held now.
@@ -162,6 +180,7 @@ impl Drop for InLine<'_> {
 pub struct Permit {
     admission: Arc<Admission>,
     reserved: usize,
+    placed_at: Instant,
     /// Given back to the semaphore, and so to the first request waiting, when dropped.
     _place: OwnedSemaphorePermit,
 }
@@ -190,6 +209,43 @@ impl Permit {
             .pending_bytes
             .fetch_sub(reserved, Ordering::AcqRel);
     }
+
+    /// The request has been answered: how long it held its place counts towards
+    /// [`Admission::time_to_answer`]; the place is given back.
+    pub fn answered(self) {
+        let held = self.placed_at.elapsed();
+        self.admission
+            .held_for
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(held);
+    }
+}
+
+/// Smoothed time in place and its mean deviation, with RFC 6298's weights (1/8 and 1/4).
+#[derive(Debug, Default)]
+struct TimeInPlace {
+    /// None before the first sample.
+    smoothed: Option<(f64, f64)>,
+}
+
+impl TimeInPlace {
+    fn add(&mut self, sample: Duration) {
+        let sample = sample.as_secs_f64();
+        self.smoothed = Some(match self.smoothed {
+            None => (sample, sample / 2.0),
+            Some((mean, deviation)) => (
+                mean + (sample - mean) / 8.0,
+                deviation + ((sample - mean).abs() - deviation) / 4.0,
+            ),
+        });
+    }
+
+    fn bound(&self) -> Duration {
+        self.smoothed.map_or(Duration::ZERO, |(mean, deviation)| {
+            Duration::from_secs_f64(mean + 4.0 * deviation)
+        })
+    }
 }
 
 impl Drop for Permit {
@@ -203,7 +259,6 @@ impl Drop for Permit {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-    use std::time::Duration;
 
     /// Every place comes in time.
     const ANY_TIME: fn(Instant) -> bool = |_| true;
@@ -404,5 +459,45 @@ mod tests {
         assert_eq!(admission.waiting(), 0);
         assert_eq!(admission.held(), 0);
         assert!(admission.try_admit().is_some());
+    }
+
+    #[test]
+    fn the_time_to_answer_is_the_smoothed_time_in_place_plus_four_deviations() {
+        let ms = Duration::from_millis;
+        let mut held = TimeInPlace::default();
+        assert_eq!(held.bound(), Duration::ZERO, "nothing answered yet");
+        held.add(ms(400));
+        // RFC 6298's first sample: the mean is the sample, the deviation half of it.
+        assert_eq!(held.bound(), ms(400 + 4 * 200));
+        held.add(ms(400));
+        // mean 400, deviation 200 + (0 - 200) / 4 = 150
+        assert_eq!(held.bound(), ms(400 + 4 * 150));
+        held.add(ms(480));
+        // mean 400 + 80 / 8 = 410, deviation 150 + (80 - 150) / 4 = 132.5
+        let expected = Duration::from_secs_f64(0.410 + 4.0 * 0.1325);
+        assert!(held.bound().abs_diff(expected) < Duration::from_micros(1));
+        for _ in 0..200 {
+            held.add(ms(300));
+        }
+        assert!(
+            held.bound().abs_diff(ms(300)) < ms(1),
+            "a steady time has no margin left"
+        );
+    }
+
+    #[test]
+    fn an_answered_request_counts_its_time_in_place_a_refused_one_does_not() {
+        let admission = Admission::new(2, 2, 100);
+        let refused = admission.try_admit().expect("a place");
+        std::thread::sleep(Duration::from_millis(20));
+        drop(refused);
+        assert_eq!(admission.time_to_answer(), Duration::ZERO);
+        let answered = admission.try_admit().expect("a place");
+        std::thread::sleep(Duration::from_millis(20));
+        answered.answered();
+        let bound = admission.time_to_answer();
+        // 20 ms and more in place: the bound is at least three times that (mean + 4 × half).
+        assert!(bound >= Duration::from_millis(60), "{bound:?}");
+        assert_eq!(admission.held(), 0, "the place is given back");
     }
 }

@@ -69,6 +69,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_seconds: u64,
 
+    /// Milliseconds before that deadline by which an answer is planned to leave: places and
+    /// runs are given only to requests that can be answered by then, so that the answer
+    /// still reaches a client within the deadline.
+    #[arg(long, env = "ANSWER_HEADROOM_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub answer_headroom_ms: u64,
+
     /// The Retry-After header of every 503 (overloaded, not ready), in seconds.
     #[arg(long, env = "RETRY_AFTER_SECONDS", default_value_t = 1)]
     pub retry_after_seconds: u32,
@@ -175,6 +182,7 @@ impl Config {
             discard_body_bytes: self.discard_body_bytes,
             body_timeout: Duration::from_secs(self.body_timeout_seconds),
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
+            answer_headroom: Duration::from_millis(self.answer_headroom_ms),
             retry_after_seconds: self.retry_after_seconds,
         }
     }
@@ -270,6 +278,7 @@ mod tests {
         assert_eq!(default_of("queue_capacity"), "64");
         assert_eq!(default_of("max_waiting_requests"), "1024");
         assert_eq!(default_of("request_timeout_seconds"), "2");
+        assert_eq!(default_of("answer_headroom_ms"), "50");
         assert_eq!(default_of("retry_after_seconds"), "1");
         assert_eq!(default_of("header_timeout_seconds"), "5");
         assert_eq!(default_of("body_timeout_seconds"), "30");

@@ -56,8 +56,17 @@ pub struct Limits {
     /// From the headers to the answer: a request still waiting for a place then, or that a
     /// worker could not finish by then, gets 503.
     pub request_timeout: Duration,
+    /// How much sooner than that an answer is planned to leave, for its way to the client.
+    pub answer_headroom: Duration,
     /// The `Retry-After` of every 503.
     pub retry_after_seconds: u32,
+}
+
+impl Limits {
+    /// From the headers to when an answer is planned to leave: the deadline less the headroom.
+    pub fn answer_within(&self) -> Duration {
+        self.request_timeout.saturating_sub(self.answer_headroom)
+    }
 }
 
 /// The service: routes, then [`retry_after`], then [`track`] around them all. What
@@ -300,14 +309,20 @@ async fn receive(
     // The payload is not polled while the request waits: once its small buffer is full,
     // actix-http stops reading the connection, so TCP holds the client back rather than
     // the service taking in a body it cannot serve yet.
-    // No place is given once a run could no longer end by the deadline, nor one that
-    // comes while the requests placed ahead would keep this one past it.
-    let answer_by = headers_at + limits.request_timeout;
+    // No place is given once a run could no longer end in time, nor one that
+    // comes while the requests placed ahead would keep this one past it: by the runs ahead
+    // at the mean run time, or by how long the recent requests held their place, whichever
+    // is longer (the first answers for a load that has just risen, the second for one
+    // that has lasted).
+    let answer_by = headers_at + limits.answer_within();
     let place_by = answer_by
         .checked_sub(state.inferencer.expected_run())
         .unwrap_or(headers_at);
     let admission = &state.admission;
-    let in_time = |now| now + state.inferencer.queue_time(admission.capacity()) <= answer_by;
+    let in_time = |now| {
+        let runs_ahead = state.inferencer.queue_time(admission.capacity());
+        now + runs_ahead.max(admission.time_to_answer()) <= answer_by
+    };
     let admitted = admission.admit(place_by, in_time).await;
     let mut permit = match admitted {
         Ok(permit) => permit,
@@ -432,7 +447,7 @@ async fn answer(
     headers_at: Instant,
 ) -> Result<HttpResponse, AppError> {
     let probabilities = state.inferencer.predict(image, headers_at).await?;
-    drop(permit);
+    permit.answered();
     let prediction = Prediction::new(&state.labels, &probabilities)?;
     Ok(HttpResponse::Ok().json(prediction))
 }
@@ -529,6 +544,7 @@ pub(crate) mod testing {
         discard_body_bytes: 1024 * 1024,
         body_timeout: Duration::from_secs(30),
         request_timeout: Duration::from_secs(30),
+        answer_headroom: Duration::ZERO,
         retry_after_seconds: 1,
     };
 
@@ -882,6 +898,7 @@ mod tests {
     async fn a_request_still_waiting_for_a_place_at_its_deadline_gets_503() {
         let limits = Limits {
             request_timeout: Duration::from_millis(200),
+            answer_headroom: Duration::ZERO,
             ..LIMITS
         };
         let state = state_with(Inferencer::fake(Batching::OFF), limits, 1, 1 << 20);
@@ -1042,6 +1059,7 @@ mod tests {
         let (model, gate) = FakeModel::gated();
         let limits = Limits {
             request_timeout: Duration::from_millis(200),
+            answer_headroom: Duration::ZERO,
             ..LIMITS
         };
         let inferencer = Inferencer::fake_with(model, Batching::OFF, limits.request_timeout);

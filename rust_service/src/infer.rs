@@ -41,6 +41,8 @@ pub struct WorkerOptions {
     pub queue_capacity: usize,
     /// How long after its headers a request must be answered (see [`Inferencer::predict`]).
     pub request_timeout: Duration,
+    /// How much sooner than that a run is planned to end (`ANSWER_HEADROOM_MS`).
+    pub answer_headroom: Duration,
     pub max_pixels: u64,
     pub batching: Batching,
 }
@@ -77,6 +79,7 @@ struct Job {
 pub struct Inferencer {
     jobs: Sender<Job>,
     request_timeout: Duration,
+    answer_headroom: Duration,
     expected_run: Arc<ExpectedRun>,
     /// The workers that take jobs from `jobs`, at least 1.
     workers: u32,
@@ -116,7 +119,7 @@ impl Inferencer {
     /// before a worker takes the job means it is never run either.
     pub async fn predict(&self, image: Vec<u8>, headers_at: Instant) -> Result<Vec<f32>, AppError> {
         let (reply, answer) = oneshot::channel();
-        let answer_by = headers_at + self.request_timeout;
+        let answer_by = headers_at + self.request_timeout.saturating_sub(self.answer_headroom);
         self.jobs
             .try_send(Job {
                 image,
@@ -221,6 +224,7 @@ pub fn start(
         Inferencer {
             jobs,
             request_timeout,
+            answer_headroom: options.answer_headroom,
             expected_run,
             workers: u32::try_from(options.workers.max(1)).unwrap_or(u32::MAX),
         },
@@ -777,6 +781,7 @@ pub(crate) mod testing {
             Self {
                 jobs,
                 request_timeout,
+                answer_headroom: Duration::ZERO,
                 expected_run,
                 workers: 1,
             }
