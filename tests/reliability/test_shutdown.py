@@ -24,7 +24,7 @@ IDLE_CONNECTIONS = 3
 SETTLE_S = 0.5  # after the signal, by when the service has acted on it
 EXIT_MARGIN_S = 1.0  # beyond GRACEFUL_TIMEOUT_SECONDS
 IDLE_EXIT_S = 5.0  # "exits once idle": at most this long after its last response
-MIN_DRAIN_S = 2.5  # the requests in flight keep the worker busy at least this long after the signal
+MIN_DRAIN_S = 2.0  # the requests in flight keep the worker busy at least this long after the signal
 
 
 def cost_of(port: int, data: bytes) -> float:
@@ -43,10 +43,12 @@ def test_sigterm_under_load(own_service, photo, medium, heavy, target):
         data = rawhttp.raw_post(port, image)
         cost_s = min(cost_of(port, data) for _ in range(2))
         clients = max(MIN_CLIENTS, math.ceil(MIN_DRAIN_S / cost_s))
-        if clients <= policy.QUEUE_CAPACITY:
+        # All in flight at once: places for each, and their bodies within the pending bound.
+        most = min(policy.QUEUE_CAPACITY, policy.MAX_PENDING_BODY_BYTES // len(data))
+        if clients <= most:
             break
     drain_s = clients * cost_s
-    if clients > policy.QUEUE_CAPACITY or drain_s >= policy.GRACEFUL_TIMEOUT_SECONDS - IDLE_EXIT_S:
+    if clients > most or drain_s >= policy.GRACEFUL_TIMEOUT_SECONDS - IDLE_EXIT_S:
         pytest.fail(
             f"{clients} requests of {cost_s:.2f} s take {drain_s:.1f} s: no time to watch, or no time to finish"
         )
