@@ -41,8 +41,9 @@ pub struct WorkerOptions {
     pub queue_capacity: usize,
     /// How long after its headers a request must be answered (see [`Inferencer::predict`]).
     pub request_timeout: Duration,
-    /// How much sooner than that a run is planned to end (`ANSWER_HEADROOM_MS`).
-    pub answer_headroom: Duration,
+    /// From a request's headers to when its answer is planned to leave: the request timeout
+    /// less `ANSWER_HEADROOM_MS` ([`crate::http::Limits::answer_within`]).
+    pub answer_within: Duration,
     pub max_pixels: u64,
     pub batching: Batching,
 }
@@ -78,8 +79,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Inferencer {
     jobs: Sender<Job>,
-    request_timeout: Duration,
-    answer_headroom: Duration,
+    answer_within: Duration,
     expected_run: Arc<ExpectedRun>,
     /// The workers that take jobs from `jobs`, at least 1.
     workers: u32,
@@ -114,12 +114,12 @@ impl Inferencer {
     /// returns the probabilities in label order.
     ///
     /// `headers_at` is when the request's headers were in: a job that the worker taking it
-    /// expects not to finish within the request timeout of them is answered
+    /// expects not to finish by `answer_within` of them is answered
     /// [`AppError::NotStarted`] and never run. Dropping the future (the client went away)
     /// before a worker takes the job means it is never run either.
     pub async fn predict(&self, image: Vec<u8>, headers_at: Instant) -> Result<Vec<f32>, AppError> {
         let (reply, answer) = oneshot::channel();
-        let answer_by = headers_at + self.request_timeout.saturating_sub(self.answer_headroom);
+        let answer_by = headers_at + self.answer_within;
         self.jobs
             .try_send(Job {
                 image,
@@ -223,8 +223,7 @@ pub fn start(
     Ok((
         Inferencer {
             jobs,
-            request_timeout,
-            answer_headroom: options.answer_headroom,
+            answer_within: options.answer_within,
             expected_run,
             workers: u32::try_from(options.workers.max(1)).unwrap_or(u32::MAX),
         },
@@ -780,8 +779,7 @@ pub(crate) mod testing {
             });
             Self {
                 jobs,
-                request_timeout,
-                answer_headroom: Duration::ZERO,
+                answer_within: request_timeout,
                 expected_run,
                 workers: 1,
             }

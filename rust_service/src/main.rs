@@ -58,7 +58,7 @@ fn run(config: &Config, started: Instant) -> Result<(), StartupError> {
             // Room for every request admission lets in, so that the queue is never full.
             queue_capacity: config.max_requests(),
             request_timeout: limits.request_timeout,
-            answer_headroom: limits.answer_headroom,
+            answer_within: limits.answer_within(),
             max_pixels: config.max_pixels,
             batching,
         },
