@@ -362,7 +362,8 @@ class Admission:
     def leave(self) -> None:
         """A request's place is free: to the first request waiting at its headers that could
         be answered in time behind the others placed, else back."""
-        if not _grant_first(self.entering, asyncio.get_running_loop().time() + self.time_to_answer()):
+        entering = self.entering  # the estimate is worked out only when someone waits
+        if not (entering and _grant_first(entering, asyncio.get_running_loop().time() + self.time_to_answer())):
             self.held -= 1
 
     def answered(self, placed_at: float) -> None:
