@@ -199,15 +199,20 @@ def answered(port: int, route: str, code: str) -> float:
     )
 
 
-def wait_idle(port: int, timeout_s: float = 30.0) -> None:
-    """Until no predict request is in progress (BentoML's gauge)."""
+def wait_in_progress(port: int, count: int, timeout_s: float = 30.0, poll_s: float = 0.1) -> None:
+    """Until ``count`` predict requests are in progress (BentoML's gauge)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         gauge = metrics(port)["bentoml_service_request_in_progress"]
-        if not any(sample.value for sample in gauge.samples if sample.labels["endpoint"].startswith("/predict")):
+        if sum(sample.value for sample in gauge.samples if sample.labels["endpoint"].startswith("/predict")) == count:
             return
-        time.sleep(0.1)
-    pytest.fail("the service stayed busy")
+        time.sleep(poll_s)
+    pytest.fail(f"the service never had {count} predict requests in progress")
+
+
+def wait_idle(port: int, timeout_s: float = 30.0) -> None:
+    """Until no predict request is in progress."""
+    wait_in_progress(port, 0, timeout_s)
 
 
 # --- images and services ---------------------------------------------------------------------
@@ -707,26 +712,31 @@ def test_a_request_that_cannot_start_in_time_gets_503(service, heavy, heavy_cost
     assert all(took <= deadline_s + EARLY_S for took, _ in replies), f"answered after the deadline: {summary}"
 
 
-def test_a_request_whose_client_has_gone_is_never_run(service, heavy, photo, heavy_cost_s):
+def test_a_request_whose_client_has_gone_is_never_run(service, heavy, photo):
     """Requests queued behind a busy worker whose clients close their connections are not run:
     the metrics count them as 503, not as predictions."""
     port = service.port
     wait_idle(port)
     served_before = answered(port, RAW_ROUTE, "200")
     refused_before = answered(port, RAW_ROUTE, "503")
-    busy = threading.Thread(target=exchange, args=(port, raw_post(heavy), 60))
-    busy.start()
-    time.sleep(0.1)
+    # Two heavy runs, one after the other, hold the worker's one run slot (about 0.2 s each
+    # here) while the abandoned requests are seen waiting for it and then closed.
+    busy = [threading.Thread(target=exchange, args=(port, raw_post(heavy), 60)) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    wait_in_progress(port, 2, poll_s=0.005)
     abandoned = [connect(port) for _ in range(2)]
     for sock in abandoned:
         sock.sendall(raw_post(photo))
-    time.sleep(min(0.2, heavy_cost_s / 3))  # their bodies are in; they wait for the slot
+    wait_in_progress(port, 4, poll_s=0.005)
+    time.sleep(0.02)  # their small bodies are in too: they wait for the slot
     for sock in abandoned:
         sock.close()
-    busy.join(60)
+    for thread in busy:
+        thread.join(60)
     assert exchange(port, raw_post(photo), timeout_s=30).status == 200
     wait_idle(port)
-    assert answered(port, RAW_ROUTE, "200") - served_before == 2, "an abandoned request was run"
+    assert answered(port, RAW_ROUTE, "200") - served_before == 3, "an abandoned request was run"
     assert answered(port, RAW_ROUTE, "503") - refused_before == 2
 
 
