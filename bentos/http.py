@@ -13,8 +13,9 @@ routes it:
   waits for one at its headers, its body unread, in arrival order, passed over if the
   requests placed ahead would make it late (503 with Retry-After at once if
   MAX_WAITING_REQUESTS already wait; its body is left to the server to discard). That
-  wait, and its 503, happen in ``FrontDoor``, in front of BentoML's middleware, since
-  under overload most requests are refused there; BentoML's metrics still count them;
+  wait, and its 503, happen in ``FrontDoor``, below uvicorn's request cycle and BentoML's
+  middleware, since under overload most requests are refused there; BentoML's metrics
+  still count them;
 * refuses before BentoML sees the request: a model that is not ready (503), a body over
   the limit (413), one that would take the bytes of bodies still arriving past
   MAX_PENDING_BODY_BYTES (503), one slower than BODY_TIMEOUT_SECONDS (408), a
@@ -46,6 +47,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.to_thread
@@ -201,41 +203,84 @@ PLACED = "weather.placed"
 
 
 class FrontDoor:
-    """The first ASGI layer of a worker's requests, below all of BentoML's middleware
-    (bentos.server puts it in front of the app uvicorn serves, for each connection).
+    """Where a worker's predict requests wait for a place when the worker is full: below
+    uvicorn's request cycle and all of BentoML's middleware. One per connection (bentos.server
+    puts it in front of the app uvicorn serves); it is the app uvicorn calls.
 
-    A predict request that finds the worker full waits here for its place, and is refused
-    here if none comes in time (503), instead of inside BentoML's middleware, where each
-    request also opens tracing spans, starts a timeout task and wraps every message. Under
-    overload most requests are refused so (at 600 clients that retry at once, five in six
-    for the torch service), and the torch service then serves about a tenth more. The
-    refusal is still counted in BentoML's request metrics (``_count_in_bentoml_metrics``), but not
-    traced or access-logged. A request that finds a place free, and one whose headers the
-    gate will refuse anyway (415, 413), pass straight on: the gate takes the place of a
-    request the front door did not place.
+    ``ContractProtocol`` asks it at each request's head whether the request ``holds``: if a
+    place is free, or the route is not a predict route, or the gate will refuse its headers
+    anyway (415, 413), it goes straight on, and the gate takes it a place. Otherwise it waits
+    here, its body unread and unparsed, with no task: a future and a timer in Admission's line.
+    Given a place, it goes on to uvicorn as any request, placed (``PLACED`` in its scope); else
+    the protocol answers it 503 itself, with no uvicorn cycle. Under overload most requests
+    are refused so (at 600 clients that retry at once, five in six for the torch service):
+    each such refusal costs the worker no cycle, task, BentoML middleware (tracing spans, a
+    timeout task, wrapped messages) or ASGI messages. It is still counted in BentoML's request
+    metrics (``_count_in_bentoml_metrics``), but not traced or access-logged.
     """
 
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
+        self.admission = worker_admission()
+        self.placed: tuple[float, float] | None = None  # (headers, place) of the request let in
+        self._done: Callable[[tuple[int, str] | None], None] | None = None  # while one waits
+        self._route = ""
+        self._headers_at = 0.0
+
+    def holds(self, head: Any, done: Callable[[tuple[int, str] | None], None]) -> bool:
+        """Whether the request of this h11 head waits here. If it does, ``done`` is called once
+        the wait ends (from the event loop, never from within this call): with None once it
+        has its place, or with the status and message to refuse it with."""
+        admission = self.admission
+        if head.method != b"POST" or admission.held < admission.capacity:
+            return False
+        try:  # its scope's path, as uvicorn makes it (a root path is never set here)
+            route = unquote(head.target.partition(b"?")[0].decode("ascii"))
+        except UnicodeDecodeError:
+            return False
+        check = _CHECKS.get(route)
+        if check is None or not check.acceptable({"headers": head.headers}):
+            return False
+        loop = asyncio.get_running_loop()
+        self._done, self._route, self._headers_at = done, route, loop.time()
+        try:
+            admission.queue_for_place(self._headers_at + admission.answer_within, self._settled)
+        except RequestError as exc:  # too many wait already
+            loop.call_soon(self._refuse, exc.status, exc.message)
+        return True
+
+    def abandon(self) -> None:
+        """The connection of the request waiting here is gone: it gives up its wait (or the
+        place it was given meanwhile)."""
+        self._done = None
+
+    def _settled(self, granted: bool) -> None:
+        if self._done is None:  # abandoned
+            if granted:
+                self.admission.leave()
+            return
+        if granted:
+            self.placed = (self._headers_at, asyncio.get_running_loop().time())
+            done, self._done = self._done, None
+            done(None)
+        else:
+            self._refuse(HTTPStatus.SERVICE_UNAVAILABLE, self.admission.late_message)
+
+    def _refuse(self, status: int, message: str) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done((status, message))
+            _count_in_bentoml_metrics(self.app, self._route, status, self._headers_at)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        check = _CHECKS.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        admission = worker_admission()
-        if check is None or admission.held < admission.capacity or not check.acceptable(scope):
+        placed, self.placed = self.placed, None
+        if placed is None:
             await self.app(scope, receive, send)
             return
-        headers_at = asyncio.get_running_loop().time()
         try:
-            await admission.enter(headers_at + admission.answer_within)
-        except RequestError as exc:
-            await send_error(send, exc.status, exc.message)
-            _count_in_bentoml_metrics(self.app, scope["path"], exc.status, headers_at)
-            return
-        try:
-            placed = (headers_at, asyncio.get_running_loop().time())
             await self.app(dict(scope, **{PLACED: placed}), receive, send)
         finally:
-            admission.leave()
+            self.admission.leave()
 
 
 server.front_door = FrontDoor
@@ -248,6 +293,15 @@ def _count_in_bentoml_metrics(app: Any, endpoint: str, status: int, headers_at: 
     metrics = _metrics_middleware(app)
     if metrics is None or not getattr(metrics, "_is_setup", False):
         return
+    total, duration = _bentoml_metrics(metrics, endpoint, status)
+    total.inc()
+    duration.observe(max(asyncio.get_running_loop().time() - headers_at, 0.0))
+
+
+@functools.cache
+def _bentoml_metrics(metrics: Any, endpoint: str, status: int) -> tuple[Any, Any]:
+    """The request counter and duration histogram of ``metrics`` for these labels (a
+    worker's labels are fixed, so each is looked up once)."""
     from bentoml._internal.context import server_context
 
     labels = {
@@ -257,9 +311,7 @@ def _count_in_bentoml_metrics(app: Any, endpoint: str, status: int, headers_at: 
         "http_response_code": status,
         "runner_name": server_context.service_name,
     }
-    metrics.metrics_request_total.labels(**labels).inc()
-    elapsed = max(asyncio.get_running_loop().time() - headers_at, 0.0)
-    metrics.metrics_request_duration.labels(**labels).observe(elapsed)
+    return metrics.metrics_request_total.labels(**labels), metrics.metrics_request_duration.labels(**labels)
 
 
 @functools.cache
@@ -359,6 +411,22 @@ class Admission:
         if outcome is not _GRANTED:
             raise RequestError(self.late_message, HTTPStatus.SERVICE_UNAVAILABLE)
 
+    def queue_for_place(self, answer_by: float, settled: Callable[[bool], None]) -> None:
+        """Wait for a place as ``enter`` does once none is free, with no task: ``settled`` is
+        called with True once the place is given, with False once no run could end by
+        ``answer_by``. RequestError (503) at once if ``max_waiting`` requests already wait."""
+        if self.waiting >= self.max_waiting:
+            raise RequestError(self.full_message, HTTPStatus.SERVICE_UNAVAILABLE)
+        self.waiting += 1
+        waiter, deadline = self._join(self.entering, answer_by)
+
+        def done(_: asyncio.Future) -> None:
+            self.waiting -= 1
+            self._part(self.entering, waiter, deadline)
+            settled(waiter.granted)
+
+        waiter.future.add_done_callback(done)
+
     def leave(self) -> None:
         """A request's place is free: to the first request waiting at its headers that could
         be answered in time behind the others placed, else back."""
@@ -423,13 +491,10 @@ class Admission:
     ) -> str:
         """Wait in ``line`` to be granted (_GRANTED), until a run could no longer end by
         ``answer_by`` (_TIMED_OUT), or, given ``receive``, for the client to leave (_GONE)."""
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(answer_by, loop.create_future())
-        line.append(waiter)
-        deadline = loop.call_at(answer_by - self.expected_run, _settle, waiter.future, _TIMED_OUT)
+        waiter, deadline = self._join(line, answer_by)
         gone = None
         if receive is not None:
-            gone = loop.create_task(_disconnected(receive))
+            gone = asyncio.get_running_loop().create_task(_disconnected(receive))
             gone.add_done_callback(lambda _: _settle(waiter.future, _GONE))
         try:
             return await waiter.future
@@ -438,12 +503,25 @@ class Admission:
                 give_back()
             raise
         finally:
-            deadline.cancel()
             if gone is not None:
                 gone.cancel()
-            if not waiter.granted:
-                with contextlib.suppress(ValueError):
-                    line.remove(waiter)  # not granted: it no longer counts as waiting
+            self._part(line, waiter, deadline)
+
+    def _join(self, line: deque[_Waiter], answer_by: float) -> tuple[_Waiter, asyncio.TimerHandle]:
+        """A new waiter at the end of ``line``, and the timer that ends its wait once a run
+        could no longer end by ``answer_by``."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(answer_by, loop.create_future())
+        line.append(waiter)
+        return waiter, loop.call_at(answer_by - self.expected_run, _settle, waiter.future, _TIMED_OUT)
+
+    @staticmethod
+    def _part(line: deque[_Waiter], waiter: _Waiter, deadline: asyncio.TimerHandle) -> None:
+        """A wait in ``line`` is over."""
+        deadline.cancel()
+        if not waiter.granted:
+            with contextlib.suppress(ValueError):
+                line.remove(waiter)  # not granted: it no longer counts as waiting
 
 
 # The weight of the latest run in the mean run time (Admission.expected_run).
@@ -771,18 +849,9 @@ def _unavailable_or_internal(status: int) -> str:
     return INTERNAL_ERROR
 
 
-_RETRY_AFTER = (b"retry-after", str(settings.RETRY_AFTER_SECONDS).encode())
-_CLOSE = (b"connection", b"close")
-
-
 async def send_error(send: Send, status: int, message: str, close: bool = False) -> None:
     """``{"error": message}`` with ``status``; every 503 says when to retry. ``close`` ends the
     connection after it (a client too slow to send its body is not waited for again)."""
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if status == HTTPStatus.SERVICE_UNAVAILABLE:
-        headers.append(_RETRY_AFTER)
-    if close:
-        headers.append(_CLOSE)
+    headers, body = server.error_message(status, message, close)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -13,7 +13,10 @@ installed), and answers /readyz for itself. What the contract needs there and ne
   read, graceful closes (stop writing, then read and discard what the client still sends,
   so that it reads the answer instead of a reset), and the shutdown: responses carry
   ``Connection: close``, idle keep-alive connections are closed (never reset), and requests
-  cut off by the graceful timeout get a JSON 503 instead of uvicorn's plain-text 500.
+  cut off by the graceful timeout get a JSON 503 instead of uvicorn's plain-text 500. A
+  predict request that must wait for a place (bentos.http.FrontDoor) is held back from
+  uvicorn at its head, its body unparsed; refused, it is answered and its body counted
+  off here, with no uvicorn cycle, task or h11 work for it.
 * ``WorkerBoard``: which workers have loaded their model, so any worker answers /readyz
   for the whole service (503 while one is missing, e.g. dead and being replaced).
 * The arbiter (``_patch_arbiter``): on SIGTERM it closes its copy of the listening socket
@@ -56,6 +59,7 @@ from typing import Any
 import h11
 import uvicorn.config
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # uvicorn's h11_impl imports it too
+from h11._connection import _keep_alive as h11_keep_alive  # whether h11 keeps a connection after this
 from h11._readers import ContentLengthReader
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -290,31 +294,64 @@ def reclaim_memory() -> None:
 # --- the HTTP protocol -----------------------------------------------------------------------
 
 
-def error_response(status: int, message: str) -> bytes:
-    """A complete HTTP/1.1 response with the contract's JSON error body, closing the connection."""
+RETRY_AFTER_HEADER = (b"retry-after", str(settings.RETRY_AFTER_SECONDS).encode())
+
+
+def error_message(status: int, message: str, close: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The contract's error answer: its headers and its ``{"error": message}`` body. Every 503
+    says when to retry; ``close`` ends the connection after it."""
     body = json.dumps({"error": message}).encode()
-    retry_after = f"retry-after: {settings.RETRY_AFTER_SECONDS}\r\n" if status == HTTPStatus.SERVICE_UNAVAILABLE else ""
-    head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n{retry_after}connection: close\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        headers.append(RETRY_AFTER_HEADER)
+    if close:
+        headers.append(CLOSE_HEADER)
+    return headers, body
+
+
+def error_response(
+    status: int, message: str, close: bool = True, headers: tuple[tuple[bytes, bytes], ...] | list = ()
+) -> bytes:
+    """A complete HTTP/1.1 response with the contract's JSON error body after ``headers``,
+    closing the connection unless ``close`` is False."""
+    own, body = error_message(status, message, close)
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode("latin-1")]
+    head += [name + b": " + value + b"\r\n" for name, value in (*headers, *own)]
+    return b"".join(head) + b"\r\n" + body
+
+
+# The refusals at the front door, by (status, message, kept alive): uvicorn's default headers
+# they were made with, and their bytes.
+_door_responses: dict[tuple[int, str, bool], tuple[list, bytes]] = {}
 
 
 class _Connection(h11.Connection):
     """h11's server side, which also has the protocol check each request's head as it is
-    parsed, and keeps the protocol error it raised (uvicorn drops it)."""
+    parsed, keeps the protocol error it raised (uvicorn drops it), and holds a request back
+    from uvicorn while it waits at the front door.
+
+    A held request's head has been parsed; its body stays unparsed in h11's buffer. To
+    uvicorn the connection says PAUSED (as for a pipelined request), so uvicorn stops reading
+    it; once the request may go on, the next call returns its head."""
 
     def __init__(self, protocol: ContractProtocol, max_incomplete_event_size: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size)
         self.protocol: ContractProtocol | None = protocol
         self.error: h11.RemoteProtocolError | None = None
+        self.held: h11.Request | None = None  # a request's head while it waits at the door, or may go on
+        self.at_door = False  # the held request is waiting
 
     def next_event(self) -> Any:
+        if self.held is not None:
+            if self.at_door:
+                return h11.PAUSED
+            event, self.held = self.held, None
+            return event
         try:
             event = super().next_event()
-            if type(event) is h11.Request and self.protocol is not None:
-                self.protocol.request_head(event)
+            if type(event) is h11.Request and self.protocol is not None and self.protocol.request_head(event):
+                self.held, self.at_door = event, True
+                return h11.PAUSED
         except h11.RemoteProtocolError as exc:
             self.error = exc
             raise
@@ -361,12 +398,15 @@ class ContractProtocol(H11Protocol):
             config.timeout_graceful_shutdown = settings.GRACEFUL_TIMEOUT_SECONDS
         self.header_limit = config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         self.conn = _Connection(self, self.header_limit)
-        if front_door is not None:
-            self.app = front_door(self.app)
+        self.door = None if front_door is None else front_door(self.app)
+        if self.door is not None:
+            self.app = self.door
         self._raw: asyncio.Transport = None  # type: ignore[assignment]
         self._head_since = 0.0  # when the wait for the current request head began
         self._timer: asyncio.TimerHandle | None = None  # header timeout, or the discard's deadline
         self._discard_left = 0  # > 0 while discarding a body answered early
+        self._door_length = 0  # the body length of the request at the door
+        self._door_skip = 0  # > 0 while counting off a body refused at the front door
         self._idle_timer: asyncio.TimerHandle | None = None  # shutdown's wait for a last request
         self._cutoff_timer: asyncio.TimerHandle | None = None  # shutdown's end of a request in flight
         self._closing = False
@@ -384,6 +424,7 @@ class ContractProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._leave_door()
         self.conn.protocol = None  # the reference cycle would keep both alive until a collection
         super().connection_lost(exc)
 
@@ -394,6 +435,9 @@ class ContractProtocol(H11Protocol):
         if self._idle_timer is not None:  # stopping, and the last request has come
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._door_skip:
+            self._skip_door_body(data)
+            return
         if self._discard_left:
             self._discard_left -= len(data)
             if self._discard_left <= 0:  # more than DISCARD_BODY_BYTES: give up on this client
@@ -403,18 +447,25 @@ class ContractProtocol(H11Protocol):
             if not data:
                 return
         super().data_received(data)
+        self._after_events()
+
+    def _after_events(self) -> None:
+        """What follows uvicorn's handling of the events h11 parsed."""
         conn = self.conn
         if self._discard_left and (conn.their_state is not h11.SEND_BODY or conn.our_state is not h11.DONE):
             # The refused body has ended (the next request may have begun in the same data,
             # and h11 moved on to it): the connection goes on, kept alive as after any response.
             self._discard_left = 0
-            self._cancel_timer()
-            self._head_since = self.loop.time()
-            if conn.their_state is h11.IDLE and self.timeout_keep_alive_task is None:
-                self.timeout_keep_alive_task = self.loop.call_later(
-                    self.timeout_keep_alive, self.timeout_keep_alive_handler
-                )
+            self._idle_again()
         self._watch_head()
+
+    def _idle_again(self) -> None:
+        """A refused body has ended: the connection is kept alive as after any response."""
+        self._cancel_timer()
+        self._head_since = self.loop.time()
+        if self.conn.their_state is h11.IDLE and self.timeout_keep_alive_task is None:
+            handler = self.timeout_keep_alive_handler
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, handler)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -452,8 +503,8 @@ class ContractProtocol(H11Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown, for each open connection once the listener is closed."""
         _begin_stopping(self.server_state)
-        if self._closing:
-            return
+        if self._closing or self.conn.at_door:
+            return  # a request at the door: its answer, or _door_done, sees to it
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             cycle.keep_alive = False
@@ -465,7 +516,7 @@ class ContractProtocol(H11Protocol):
                 timeout = self.config.timeout_graceful_shutdown
                 if timeout is not None and self._cutoff_timer is None:
                     self._cutoff_timer = self.loop.call_later(timeout, self._cut_off, cycle)
-        elif self._discard_left:
+        elif self._discard_left or self._door_skip:
             self._close_gracefully()  # still discarding a refused body: the close reads on
         elif self._idle_timer is None:
             self._idle_timer = self.loop.call_later(SHUTDOWN_IDLE_SECONDS, self._close_gracefully)
@@ -483,27 +534,96 @@ class ContractProtocol(H11Protocol):
 
     # -- the contract's additions --
 
-    def request_head(self, event: h11.Request) -> None:
-        """A request's line and headers are in (called from h11's next_event)."""
+    def request_head(self, event: h11.Request) -> bool:
+        """A request's line and headers are in (called from h11's next_event); True if it
+        waits at the front door."""
         self._cancel_timer()
         size = len(event.method) + len(event.target) + 13  # "M T HTTP/1.1\r\n" ... "\r\n"
+        length: int | None = 0  # the body's, as h11 frames it; None if chunked
         for name, value in event.headers:
             size += len(name) + len(value) + 4
-            # h11 has checked it is decimal; it cannot say how large (a 5,000-digit one
-            # would even fail int()), and the body after it cannot be framed.
-            if name == b"content-length" and (len(value) > 19 or int(value) >= CONTENT_LENGTH_LIMIT):
-                raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
+            if name == b"content-length" and length is not None:
+                # h11 has checked it is decimal; it cannot say how large (a 5,000-digit one
+                # would even fail int()), and the body after it cannot be framed.
+                if len(value) > 19 or (length := int(value)) >= CONTENT_LENGTH_LIMIT:
+                    raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
+            elif name == b"transfer-encoding":
+                length = None
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
             raise h11.RemoteProtocolError("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        # A chunked body is not worth framing at the door: the gate's own wait takes it.
+        if length is None or self.door is None:
+            return False
+        self._door_length = length
+        return self.door.holds(event, self._door_done)
+
+    def _door_done(self, refusal: tuple[int, str] | None) -> None:
+        """The wait at the front door is over: the request goes on to uvicorn, as if its head
+        had just been parsed, or is refused with ``refusal`` (status, message)."""
+        conn = self.conn
+        conn.at_door = False
+        if refusal is None:
+            self.flow.resume_reading()
+            self.handle_events()
+            self._after_events()
+            if _stopping and not self._closing:
+                self.shutdown()  # it came before the stop: it is answered, then the connection closes
+            return
+        head, conn.held = conn.held, None
+        self._refuse_at_door(head, *refusal)
+
+    def _refuse_at_door(self, head: h11.Request, status: int, message: str) -> None:
+        """Answer a request at the door, its body unread, without uvicorn or h11: under
+        overload nearly all refusals are these. Its answer is written as bytes made once a
+        second; its body (the rest of what came with its head, and what follows) is counted
+        off, and a new h11 connection reads the next request."""
+        keep_alive = not _stopping and h11_keep_alive(head)
+        self._raw.write(self._door_response(status, message, keep_alive))
+        self.server_state.total_requests += 1  # as uvicorn counts a response
+        if not keep_alive:
+            self._close_gracefully()
+            return
+        buffered = self.conn.trailing_data[0]
+        self.conn.protocol = None
+        self.conn = _Connection(self, self.header_limit)
+        self._door_skip = self._door_length
+        self._timer = self.loop.call_later(settings.BODY_TIMEOUT_SECONDS, self._abort)
+        self.flow.resume_reading()
+        self._skip_door_body(buffered)
+
+    def _skip_door_body(self, data: bytes) -> None:
+        """Count ``data`` off the body refused at the door; once it has ended, the connection
+        waits for its next request, which may have begun in ``data``."""
+        if len(data) < self._door_skip:
+            self._door_skip -= len(data)
+            return
+        rest, self._door_skip = data[self._door_skip :], 0
+        self._idle_again()
+        if rest:
+            self.data_received(rest)
+
+    def _door_response(self, status: int, message: str, keep_alive: bool) -> bytes:
+        """The refusal's bytes, with uvicorn's default headers (its Date changes each second)."""
+        default_headers = self.server_state.default_headers
+        made = _door_responses.get((status, message, keep_alive))
+        if made is None or made[0] is not default_headers:
+            response = error_response(status, message, close=not keep_alive, headers=default_headers)
+            made = _door_responses[status, message, keep_alive] = (default_headers, response)
+        return made[1]
+
+    def _leave_door(self) -> None:
+        if self.conn.at_door:
+            self.conn.at_door = False
+            self.door.abandon()
 
     def _skip_refused_body(self, data: bytes) -> bytes:
         """What of ``data`` h11 must still parse while a refused body with a declared length
         is discarded: its bytes are counted off h11's reader instead of going through h11, which
         copies each of them twice and hands them to uvicorn to drop (0.16 ms of the one core
-        for the benchmark's 324 KB body, measured in-process; a refusal under overload costs the
-        worker about 0.45 ms in all, by the throughput it loses per 503). The body's
-        last byte is left to h11, so that h11 itself ends the message and goes on to the next."""
+        for the benchmark's 324 KB body, measured in-process). The body's last byte is left
+        to h11, so that h11 itself ends the message and goes on to the next. (A body refused
+        at the front door is counted off without h11: _skip_door_body.)"""
         reader = self.conn._reader  # h11 0.16: the current body's reader, by its class
         if type(reader) is not ContentLengthReader or self.conn.trailing_data[0]:
             return data  # chunked, or h11 holds bytes not yet parsed: h11 reads on
@@ -544,6 +664,7 @@ class ContractProtocol(H11Protocol):
             return
         self._closing = True
         self._cancel_timers()
+        self._leave_door()
         raw = self._raw
         if raw is None or raw.is_closing():
             return

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
 import psutil
 import pytest
 import uvicorn
@@ -631,6 +632,213 @@ def test_a_body_counted_off_h11s_reader_ends_as_if_h11_had_read_it():
     assert conn.next_event().target == b"/livez"
 
 
+class _Transport(asyncio.Transport):
+    """A connection's transport in memory: what is written, and whether reading is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def write(self, data) -> None:
+        self.written += data
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 9) if name in ("peername", "sockname") else default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.closing = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def replies(self) -> list[tuple[int, bytes]]:
+        """The responses written so far: status and body."""
+        replies, data = [], bytes(self.written)
+        while data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+            replies.append((int(head.split()[1]), rest[:length]))
+            data = rest[length:]
+        return replies
+
+
+class _Door:
+    """A front door that holds every POST, and says when its wait is over."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.done = None
+
+    def holds(self, head, done) -> bool:
+        if head.method == b"POST":
+            self.done = done
+        return head.method == b"POST"
+
+    def abandon(self) -> None:
+        self.done = None
+
+    def __call__(self, scope, receive, send):
+        return self.app(scope, receive, send)
+
+
+async def _connection(monkeypatch) -> tuple[server.ContractProtocol, _Transport, list]:
+    """A ContractProtocol on a transport in memory, with a _Door, serving an app that answers
+    each request with its body's length; the list holds the paths the app was called for."""
+    from uvicorn.server import ServerState
+
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope["path"])
+        size, more = 0, True
+        while more:
+            message = await receive()
+            size, more = size + len(message.get("body", b"")), message.get("more_body", False)
+        body = str(size).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    monkeypatch.setattr(server, "front_door", _Door)
+    config = uvicorn.Config(app=app, log_config=None, lifespan="off")
+    config.load()
+    protocol = server.ContractProtocol(config, ServerState(), {})
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport, called
+
+
+async def _settle_tasks() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(monkeypatch):
+    """While the door holds a request, uvicorn has neither its head nor its body: the
+    connection stops reading (uvicorn pauses on h11's PAUSED) and the app is not called. Let
+    in, it reaches the app with the body that came with its head and the rest after it."""
+
+    async def scenario():
+        protocol, transport, called = await _connection(monkeypatch)
+        body = b"x" * 1000
+        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body[:400])
+        await _settle_tasks()
+        assert (called, transport.paused, protocol.cycle) == ([], True, None)
+        protocol.door.done(None)
+        assert not transport.paused
+        protocol.data_received(body[400:])
+        await _settle_tasks()
+        assert called == ["/predict"]
+        assert transport.replies() == [(200, b"1000")]
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
+def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the_connection_goes_on(monkeypatch):
+    """Refused at the door, a request gets the contract's 503 written by the protocol itself
+    (h11 moves on as after any response), never reaches the app, and its body, what came
+    with the head and what follows, is discarded; the next request on the connection is served."""
+
+    async def scenario():
+        protocol, transport, called = await _connection(monkeypatch)
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        protocol.data_received(head + b"x" * 30000)
+        protocol.door.done((503, "the worker is full"))
+        ((status, body),) = transport.replies()
+        assert (status, json.loads(body)) == (503, {"error": "the worker is full"})
+        assert b"retry-after: " in transport.written.lower()
+        assert not transport.closing
+        protocol.data_received(b"x" * 70000 + b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        await _settle_tasks()
+        assert called == ["/livez"]
+        assert transport.replies()[1:] == [(200, b"0")]
+        # A body that came whole with its head is discarded at the refusal, not at the next data.
+        protocol.data_received(head.replace(b"100000", b"5") + b"x" * 5)
+        protocol.door.done((503, "the worker is full"))
+        assert [status for status, _ in transport.replies()] == [503, 200, 503]
+        assert (protocol.conn.their_state, protocol._timer) == (h11.IDLE, None), "still discarding"
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\n",
+        b"POST /predict HTTP/1.0\r\nContent-Length: 10\r\n\r\n",
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+def test_a_refusal_at_the_front_door_ends_the_connection_when_the_client_asked(monkeypatch, head):
+    """A client that asked to close gets the door's 503 with Connection: close, and the
+    connection closes gracefully (reading on)."""
+
+    async def scenario():
+        protocol, transport, called = await _connection(monkeypatch)
+        protocol.data_received(head + b"0123")
+        protocol.door.done((503, "the worker is full"))
+        assert [status for status, _ in transport.replies()] == [503]
+        assert b"connection: close" in transport.written.lower()
+        assert (transport.closing, protocol._closing, called) == (True, True, [])
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
+def test_a_chunked_request_does_not_wait_at_the_front_door(monkeypatch):
+    """Its body would have to be framed chunk by chunk to be skipped: it goes on to uvicorn
+    (where the gate's own wait for a place takes it)."""
+
+    async def scenario():
+        protocol, transport, called = await _connection(monkeypatch)
+        protocol.data_received(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+        )
+        await _settle_tasks()
+        assert (protocol.door.done, called, transport.replies()) == (None, ["/predict"], [(200, b"4")])
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
+def test_a_request_at_the_front_door_when_the_worker_stops_is_answered_then_closed(monkeypatch):
+    """Shutdown leaves a request waiting at the door alone (it is not idle: no close after
+    SHUTDOWN_IDLE_SECONDS); let in after it, it is answered with Connection: close."""
+    monkeypatch.setattr(server, "SHUTDOWN_IDLE_SECONDS", 0.01)
+    monkeypatch.setattr(server, "_stopping", False)
+    monkeypatch.setattr(server, "_board", None)
+
+    async def scenario():
+        protocol, transport, _ = await _connection(monkeypatch)
+        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        protocol.shutdown()
+        await asyncio.sleep(0.05)
+        assert not transport.closing, "a request waiting at the door was closed as idle"
+        protocol.door.done(None)
+        await _settle_tasks()
+        assert transport.replies() == [(200, b"3")]
+        assert b"connection: close" in transport.written.lower()
+        assert transport.closing
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
 # --- over HTTP: admission --------------------------------------------------------------------
 
 
@@ -964,10 +1172,15 @@ def test_memory_returns_after_a_spike_of_large_bodies(tmp_path):
 
 def test_sigterm_finishes_requests_then_exits_refusing_new_connections(tmp_path, heavy):
     """SIGTERM to `bentoml serve` (only, as Kubernetes and Docker send it) while requests run:
-    each is answered 200 with Connection: close; /readyz on a kept-alive connection says 503;
-    idle kept-alive connections are closed, not reset; new connections are refused; it exits."""
+    each is answered 200 with Connection: close, the six waiting at the front door for a place
+    too; /readyz on a kept-alive connection says 503; idle kept-alive connections are closed,
+    not reset; new connections are refused; it exits."""
     with _serve(
-        tmp_path, QUEUE_CAPACITY="16", REQUEST_TIMEOUT_SECONDS="60", MAX_PENDING_BODY_BYTES=str(64 * MIB)
+        tmp_path,
+        QUEUE_CAPACITY="2",
+        REQUEST_TIMEOUT_SECONDS="60",
+        BODY_TIMEOUT_SECONDS="60",  # counted from the headers, so for the wait at the door too
+        MAX_PENDING_BODY_BYTES=str(64 * MIB),
     ) as running:
         port = running.port
         idle = []
@@ -985,7 +1198,7 @@ def test_sigterm_finishes_requests_then_exits_refusing_new_connections(tmp_path,
             except (OSError, Failed) as exc:
                 replies.append(repr(exc))
 
-        threads = [threading.Thread(target=request) for _ in range(4)]
+        threads = [threading.Thread(target=request) for _ in range(8)]
         for thread in threads:
             thread.start()
         time.sleep(0.5)  # received, and the first is running
