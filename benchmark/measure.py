@@ -47,6 +47,20 @@ def check_prediction(port: int, image: bytes, acceptable_labels: list[str], endp
         raise ServiceFailed("wrong answer: probabilities do not sum to 1")
 
 
+def usage(running: Running) -> tuple[float, int]:
+    """CPU seconds used so far and resident bytes now, of the service's process tree."""
+    cpu_seconds, rss = 0.0, 0
+    for pid in running.pids():
+        try:
+            process = psutil.Process(pid)
+            times = process.cpu_times()
+            cpu_seconds += times.user + times.system + times.children_user + times.children_system
+            rss += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return cpu_seconds, rss
+
+
 class ResourceSampler:
     """Samples CPU use and resident memory of the service's process tree every half second."""
 
@@ -68,15 +82,7 @@ class ResourceSampler:
     def _run(self):
         previous_cpu, previous_time = None, None
         while not self._stop.wait(self.interval_s):
-            cpu_seconds, rss = 0.0, 0
-            for pid in self.running.pids():
-                try:
-                    process = psutil.Process(pid)
-                    times = process.cpu_times()
-                    cpu_seconds += times.user + times.system + times.children_user + times.children_system
-                    rss += process.memory_info().rss
-                except psutil.NoSuchProcess:
-                    continue
+            cpu_seconds, rss = usage(self.running)
             now = time.monotonic()
             if rss:
                 self.rss_mb.append(rss / 1e6)

@@ -10,7 +10,12 @@ For each service, alone on its CPUs (taskset, like `benchmark run`), with Locust
    throughput and its ratio to the peak, the share of 503s, the p99 latency of the accepted
    (200) requests, connection errors. The target: ratio >= 0.90 and accepted p99 <= the
    request deadline (REQUEST_TIMEOUT_SECONDS);
-3. with --soak-seconds N, on a fresh start: resident memory of all the service's processes,
+3. with --refusal-seconds N, on a fresh start: what one refusal costs the service, in CPU
+   time per 503, with its one place (QUEUE_CAPACITY 1) held by a stalled upload while
+   REFUSAL_CONNECTIONS clients send the benchmark's request again as soon as each is refused:
+   every request waits at its headers and is refused at the deadline, as most are under
+   overload, so that cost times the 503s per second is the core the overload runs lose to them;
+4. with --soak-seconds N, on a fresh start: resident memory of all the service's processes,
    sampled every second, idle, under steady load at the saturating concurrency for N seconds with
    a spike of large uploads and many connections in its middle, and idle again afterwards.
 
@@ -43,7 +48,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction
+from benchmark.measure import ResourceSampler, ServiceFailed, check_prediction, usage
 from benchmark.payload import load_image
 from benchmark.run import READY_TIMEOUT_S, acceptable_labels, measured_version, progress, run_identity, write
 from harness import REPO, docker
@@ -60,6 +65,8 @@ TARGET_RATIO = 0.90  # useful throughput under overload, relative to the unloade
 SOAK_IDLE_S = 10  # idle sampling before and after the soak's load
 SPIKE_UPLOADERS = 4  # clients sending large uploads during the spike
 SPIKE_CONNECTIONS = 200  # extra connections opened (and left silent) during the spike
+REFUSAL_CONNECTIONS = 200  # clients refused in turn while the refusal cost is measured
+REFUSAL_WARMUP_S = 3  # of those clients' traffic, before the CPU time is counted
 
 
 @dataclass
@@ -77,6 +84,7 @@ class OverloadSettings:
     payload: Path | None = None
     out: Path = Path("results")
     soak_s: int = 0
+    refusal_s: int = 0
     overload: bool = True
     honor_retry_after: bool = False
     env: dict[str, str] = field(default_factory=dict)  # policy overrides for the services (QUEUE_CAPACITY=...)
@@ -332,6 +340,79 @@ def spike(port: int, seconds: float, max_body: int) -> dict:
     return {"seconds": seconds, "connections_opened": len(silent), "uploads_by_outcome": uploads}
 
 
+def refusal_cost(make_running, settings: OverloadSettings, image: bytes, name: str) -> dict:
+    """CPU time per refusal at the headers (see the module docstring, 3.)."""
+    endpoint = ENDPOINTS[settings.endpoint]
+    sent = endpoint.request(image)
+    fields = "".join(f"{key}: {value}\r\n" for key, value in sent.headers.items())
+    head = f"POST {endpoint.route} HTTP/1.1\r\nHost: 127.0.0.1\r\n{fields}Content-Length: {len(sent.body)}\r\n\r\n"
+    request = head.encode() + sent.body
+    # The stalled upload holds the place for the whole measurement, not BODY_TIMEOUT_SECONDS.
+    hold_s = REFUSAL_WARMUP_S + settings.refusal_s + 60
+    running = make_running(f"{name}_refusals", env={"QUEUE_CAPACITY": "1", "BODY_TIMEOUT_SECONDS": str(hold_s)})
+    try:
+        running.wait_ready(running.start(), READY_TIMEOUT_S)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as stalled:
+            stalled.sendall(request[: len(head) + 1000])
+            time.sleep(0.5)  # it holds the place
+            found = _refusals(running, request, settings)
+    finally:
+        running.stop()
+    refused = found["answers"].get("503", 0)
+    found["cpu_ms_per_503"] = round(1000 * found["cpu_s"] / refused, 3) if refused else None
+    progress(
+        f"  refusals: {refused} 503s in {found['seconds']} s from {REFUSAL_CONNECTIONS} connections, "
+        f"{found['cpu_ms_per_503']} ms of the service's CPU each (all answers: {_kinds(found['answers'])})"
+    )
+    return found
+
+
+def _refusals(running: Running, request: bytes, settings: OverloadSettings) -> dict:
+    """REFUSAL_CONNECTIONS clients on one thread (on Locust's CPUs), each sending ``request`` again
+    as soon as it is answered, for REFUSAL_WARMUP_S and then settings.refusal_s more, counted."""
+    import asyncio
+
+    answers: collections.Counter = collections.Counter()
+
+    async def client(until: float, counted: bool) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        try:
+            while time.monotonic() < until:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                fields = http.client.parse_headers(io.BytesIO(head.split(b"\r\n", 1)[1]))
+                await reader.readexactly(int(fields.get("content-length", 0)))
+                if counted:
+                    answers[head.split(b" ", 2)[1].decode()] += 1
+                if "close" in fields.get("connection", "").lower():
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        except (OSError, asyncio.IncompleteReadError) as error:  # this client ends; the others go on
+            if counted:
+                answers[f"connection_{type(error).__name__}"] += 1
+        finally:
+            writer.close()
+
+    async def clients(seconds: float, counted: bool) -> None:
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(client(until, counted) for _ in range(REFUSAL_CONNECTIONS)))
+
+    found: dict = {}
+
+    def measure() -> None:
+        os.sched_setaffinity(0, {int(cpu) for cpu in settings.locust_cpus.split(",")})  # this thread only
+        asyncio.run(clients(REFUSAL_WARMUP_S, counted=False))
+        cpu_before, started = usage(running)[0], time.monotonic()
+        asyncio.run(clients(settings.refusal_s, counted=True))
+        found["cpu_s"] = round(usage(running)[0] - cpu_before, 3)
+        found["seconds"] = round(time.monotonic() - started, 2)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    thread.join()
+    return {"connections": REFUSAL_CONNECTIONS, **found, "answers": dict(answers)}
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
@@ -400,11 +481,12 @@ def measure_service(
     result: dict = {"title": service.title, "status": "failed", "measured": measured_version(service, settings.mode)}
     image_path = out / "image"
 
-    def make_running(log_name: str = name) -> Running:
+    def make_running(log_name: str = name, env: dict[str, str] | None = None) -> Running:
         cpus, workers, log = settings.service_cpus, settings.cpus_per_service, out / f"{log_name}.log"
+        env = {**settings.env, **(env or {})}
         if settings.mode == "container":
-            return service_container(service, free_port(), cpuset=cpus, workers=workers, log_path=log, env=settings.env)
-        return service_process(service, free_port(), cpus=cpus, workers=workers, log_path=log, env=settings.env)
+            return service_container(service, free_port(), cpuset=cpus, workers=workers, log_path=log, env=env)
+        return service_process(service, free_port(), cpus=cpus, workers=workers, log_path=log, env=env)
 
     try:
         running = make_running()
@@ -418,6 +500,8 @@ def measure_service(
                 result["overload"] = overload_runs(running, result["peak"], settings, image_path, out, name)
         finally:
             running.stop()
+        if settings.refusal_s:
+            result["refusals"] = refusal_cost(make_running, settings, image, name)
         if settings.soak_s:
             result["soak"] = soak(make_running, settings, result["peak"]["users"], image_path, out, name)
     except (LaunchError, ServiceFailed) as failure:
@@ -463,6 +547,7 @@ def run(settings: OverloadSettings) -> dict:
                 "probe_s": settings.probe_s,
                 "warmup_s": settings.warmup_s,
                 "soak_s": settings.soak_s,
+                "refusal_s": settings.refusal_s,
                 "honor_retry_after": settings.honor_retry_after,
                 "target": {"useful_rps_vs_peak_min": TARGET_RATIO, "p99_ms_accepted_max": "deadline_ms"},
             },
@@ -517,6 +602,7 @@ OVERLOAD_COLUMNS = [
     "other answers",
     "target",
 ]
+REFUSAL_COLUMNS = ["service", "seconds", "503s", "CPU ms per 503", "all answers"]
 SOAK_COLUMNS = [
     "service",
     "soak s",
@@ -569,6 +655,14 @@ def markdown(results: dict) -> str:
                         "yes" if found["meets_target"] else "no",
                     ]
                 )
+            )
+    refusals = {name: s["refusals"] for name, s in results["services"].items() if s.get("refusals")}
+    if refusals:
+        lines += ["", _row(REFUSAL_COLUMNS), _row(["---"] * len(REFUSAL_COLUMNS))]
+        for name, found in refusals.items():
+            refused = found["answers"].get("503", 0)
+            lines.append(
+                _row([name, found["seconds"], refused, _cell(found["cpu_ms_per_503"], 3), _kinds(found["answers"])])
             )
     soaks = {name: s["soak"] for name, s in results["services"].items() if s.get("soak")}
     if soaks:
@@ -628,6 +722,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--soak-seconds", type=int, default=0, help="also soak for this long (RSS under load and a spike)"
     )
+    parser.add_argument(
+        "--refusal-seconds", type=int, default=0, help="also measure the CPU time of a refusal for this long"
+    )
     parser.add_argument("--no-overload", action="store_true", help="only the peak (and the soak, if asked)")
     parser.add_argument("--honor-retry-after", action="store_true", help="users wait Retry-After after a 503")
     parser.add_argument(
@@ -664,6 +761,7 @@ def main(args: argparse.Namespace) -> int:
         payload=args.payload,
         out=args.out,
         soak_s=args.soak_seconds,
+        refusal_s=args.refusal_seconds,
         overload=not args.no_overload,
         honor_retry_after=args.honor_retry_after,
         env=dict(args.env),

@@ -74,3 +74,26 @@ def test_report_marks_the_target():
     assert "| rust | 40 | 95.0 | 0.50 |" in table
     assert table.count("| no |") == 1
     assert "failed: did not start" in table
+
+
+@pytest.mark.parametrize("name", ["onnx", "rust"])
+def test_the_cost_of_a_refusal_is_measured_on_refusals_only(tmp_path, name):
+    """With its one place held by a stalled upload, every request the clients send waits at
+    its headers and is refused: only 503s come back, and the service's CPU time is shared
+    out over them."""
+    from benchmark import overload
+    from benchmark.payload import load_image
+    from harness.launch import free_port, service_process
+    from weather.registry import SERVICES
+
+    settings = OverloadSettings(mode="process", services=[SERVICES[name]], refusal_s=2)
+
+    def make_running(log_name, env):
+        return service_process(SERVICES[name], free_port(), workers=1, log_path=tmp_path / f"{log_name}.log", env=env)
+
+    found = overload.refusal_cost(make_running, settings, load_image(), name)
+    refused = found["answers"].pop("503", 0)
+    assert found["answers"] == {}, found
+    assert refused >= overload.REFUSAL_CONNECTIONS  # each refused at least once in 2 s, at the deadline
+    assert found["cpu_ms_per_503"] == pytest.approx(1000 * found["cpu_s"] / refused, abs=0.001)
+    assert found["cpu_ms_per_503"] > 0
