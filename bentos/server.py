@@ -540,6 +540,7 @@ class ContractProtocol(H11Protocol):
         self._cancel_timer()
         size = len(event.method) + len(event.target) + 13  # "M T HTTP/1.1\r\n" ... "\r\n"
         length: int | None = 0  # the body's, as h11 frames it; None if chunked
+        upgrade = False
         for name, value in event.headers:
             size += len(name) + len(value) + 4
             if name == b"content-length" and length is not None:
@@ -549,11 +550,16 @@ class ContractProtocol(H11Protocol):
                     raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
             elif name == b"transfer-encoding":
                 length = None
+            elif name == b"upgrade":
+                upgrade = True
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
             raise h11.RemoteProtocolError("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-        # A chunked body is not worth framing at the door: the gate's own wait takes it.
-        if length is None or self.door is None:
+        # A chunked body is not worth framing at the door: the gate's own wait takes it. Nor
+        # may a request wait there that uvicorn might not hand to the door once let in (an
+        # upgrade, or uvicorn's own concurrency limit, which BentoML does not set): the door
+        # gives its place back when the request it let in has been answered.
+        if length is None or upgrade or self.limit_concurrency is not None or self.door is None:
             return False
         self._door_length = length
         return self.door.holds(event, self._door_done)
@@ -608,7 +614,8 @@ class ContractProtocol(H11Protocol):
         default_headers = self.server_state.default_headers
         made = _door_responses.get((status, message, keep_alive))
         if made is None or made[0] is not default_headers:
-            response = error_response(status, message, close=not keep_alive, headers=default_headers)
+            close = not keep_alive and CLOSE_HEADER not in default_headers  # at shutdown they say it
+            response = error_response(status, message, close=close, headers=default_headers)
             made = _door_responses[status, message, keep_alive] = (default_headers, response)
         return made[1]
 
