@@ -27,6 +27,7 @@ results.json (units in the key names), report.md (the tables printed at the end)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
 import csv
@@ -370,8 +371,6 @@ def refusal_cost(make_running, settings: OverloadSettings, image: bytes, name: s
 def _refusals(running: Running, request: bytes, settings: OverloadSettings) -> dict:
     """REFUSAL_CONNECTIONS clients on one thread (on Locust's CPUs), each sending ``request`` again
     as soon as it is answered, for REFUSAL_WARMUP_S and then settings.refusal_s more, counted."""
-    import asyncio
-
     answers: collections.Counter = collections.Counter()
 
     async def client(until: float, counted: bool) -> None:

@@ -52,6 +52,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -309,9 +310,7 @@ def error_message(status: int, message: str, close: bool = False) -> tuple[list[
     return headers, body
 
 
-def error_response(
-    status: int, message: str, close: bool = True, headers: tuple[tuple[bytes, bytes], ...] | list = ()
-) -> bytes:
+def error_response(status: int, message: str, close: bool = True, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     """A complete HTTP/1.1 response with the contract's JSON error body after ``headers``,
     closing the connection unless ``close`` is False."""
     own, body = error_message(status, message, close)
