@@ -14,7 +14,9 @@ For each service, alone on its CPUs (taskset, like `benchmark run`), with Locust
    time per 503, with its one place (QUEUE_CAPACITY 1) held by a stalled upload while
    REFUSAL_CONNECTIONS clients send the benchmark's request again as soon as each is refused:
    every request waits at its headers and is refused at the deadline, as most are under
-   overload, so that cost times the 503s per second is the core the overload runs lose to them;
+   overload, so that cost times the 503s per second is the core the overload runs lose to them.
+   What the service uses idle (measured first, as long, with the upload stalled and no client)
+   is taken off: BentoML's processes use some CPU with no traffic at all;
 4. with --soak-seconds N, on a fresh start: resident memory of all the service's processes,
    sampled every second, idle, under steady load at the saturating concurrency for N seconds with
    a spike of large uploads and many connections in its middle, and idle again afterwards.
@@ -68,6 +70,7 @@ SPIKE_UPLOADERS = 4  # clients sending large uploads during the spike
 SPIKE_CONNECTIONS = 200  # extra connections opened (and left silent) during the spike
 REFUSAL_CONNECTIONS = 200  # clients refused in turn while the refusal cost is measured
 REFUSAL_WARMUP_S = 3  # of those clients' traffic, before the CPU time is counted
+REFUSAL_IDLE_S = 5  # at least, of the service idle before them, for the CPU time it uses anyway
 
 
 @dataclass
@@ -349,7 +352,7 @@ def refusal_cost(make_running, settings: OverloadSettings, image: bytes, name: s
     head = f"POST {endpoint.route} HTTP/1.1\r\nHost: 127.0.0.1\r\n{fields}Content-Length: {len(sent.body)}\r\n\r\n"
     request = head.encode() + sent.body
     # The stalled upload holds the place for the whole measurement, not BODY_TIMEOUT_SECONDS.
-    hold_s = REFUSAL_WARMUP_S + settings.refusal_s + 60
+    hold_s = max(REFUSAL_IDLE_S, settings.refusal_s) + REFUSAL_WARMUP_S + settings.refusal_s + 60
     running = make_running(f"{name}_refusals", env={"QUEUE_CAPACITY": "1", "BODY_TIMEOUT_SECONDS": str(hold_s)})
     try:
         running.wait_ready(running.start(), READY_TIMEOUT_S)
@@ -360,10 +363,12 @@ def refusal_cost(make_running, settings: OverloadSettings, image: bytes, name: s
     finally:
         running.stop()
     refused = found["answers"].get("503", 0)
-    found["cpu_ms_per_503"] = round(1000 * found["cpu_s"] / refused, 3) if refused else None
+    refusing_cpu_s = found["cpu_s"] - found["idle_cpu_s_per_s"] * found["seconds"]
+    found["cpu_ms_per_503"] = round(1000 * refusing_cpu_s / refused, 3) if refused else None
     progress(
         f"  refusals: {refused} 503s in {found['seconds']} s from {REFUSAL_CONNECTIONS} connections, "
-        f"{found['cpu_ms_per_503']} ms of the service's CPU each (all answers: {_kinds(found['answers'])})"
+        f"{found['cpu_ms_per_503']} ms of the service's CPU each, beyond the "
+        f"{1000 * found['idle_cpu_s_per_s']:.1f} ms a second it uses idle (all answers: {_kinds(found['answers'])})"
     )
     return found
 
@@ -400,6 +405,10 @@ def _refusals(running: Running, request: bytes, settings: OverloadSettings) -> d
 
     def measure() -> None:
         os.sched_setaffinity(0, {int(cpu) for cpu in settings.locust_cpus.split(",")})  # this thread only
+        idle_s = max(REFUSAL_IDLE_S, settings.refusal_s)
+        cpu_before, started = usage(running)[0], time.monotonic()
+        time.sleep(idle_s)
+        found["idle_cpu_s_per_s"] = round((usage(running)[0] - cpu_before) / (time.monotonic() - started), 4)
         asyncio.run(clients(REFUSAL_WARMUP_S, counted=False))
         cpu_before, started = usage(running)[0], time.monotonic()
         asyncio.run(clients(settings.refusal_s, counted=True))
@@ -601,7 +610,7 @@ OVERLOAD_COLUMNS = [
     "other answers",
     "target",
 ]
-REFUSAL_COLUMNS = ["service", "seconds", "503s", "CPU ms per 503", "all answers"]
+REFUSAL_COLUMNS = ["service", "seconds", "503s", "CPU ms per 503", "CPU ms/s idle (taken off)", "all answers"]
 SOAK_COLUMNS = [
     "service",
     "soak s",
@@ -661,7 +670,16 @@ def markdown(results: dict) -> str:
         for name, found in refusals.items():
             refused = found["answers"].get("503", 0)
             lines.append(
-                _row([name, found["seconds"], refused, _cell(found["cpu_ms_per_503"], 3), _kinds(found["answers"])])
+                _row(
+                    [
+                        name,
+                        found["seconds"],
+                        refused,
+                        _cell(found["cpu_ms_per_503"], 3),
+                        _cell(1000 * found["idle_cpu_s_per_s"], 1),
+                        _kinds(found["answers"]),
+                    ]
+                )
             )
     soaks = {name: s["soak"] for name, s in results["services"].items() if s.get("soak")}
     if soaks:
