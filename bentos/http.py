@@ -231,8 +231,7 @@ class FrontDoor:
         """Whether the request of this h11 head waits here. If it does, ``done`` is called once
         the wait ends (from the event loop, never from within this call): with None once it
         has its place, or with the status and message to refuse it with."""
-        admission = self.admission
-        if head.method != b"POST" or admission.held < admission.capacity:
+        if head.method != b"POST" or not self.full():
             return False
         try:  # its scope's path, as uvicorn makes it (a root path is never set here)
             route = unquote(head.target.partition(b"?")[0].decode("ascii"))
@@ -241,13 +240,18 @@ class FrontDoor:
         check = _CHECKS.get(route)
         if check is None or not check.acceptable({"headers": head.headers}):
             return False
-        loop = asyncio.get_running_loop()
+        loop, admission = asyncio.get_running_loop(), self.admission
         self._done, self._route, self._headers_at = done, route, loop.time()
         try:
             admission.queue_for_place(self._headers_at + admission.answer_within, self._settled)
         except RequestError as exc:  # too many wait already
             loop.call_soon(self._refuse, exc.status, exc.message)
         return True
+
+    def full(self) -> bool:
+        """Whether a predict request coming now would wait here (if its headers allow)."""
+        admission = self.admission
+        return admission.held >= admission.capacity
 
     def abandon(self) -> None:
         """The connection of the request waiting here is gone: it gives up its wait (or the

@@ -405,6 +405,9 @@ class ContractProtocol(H11Protocol):
         self._timer: asyncio.TimerHandle | None = None  # header timeout, or the discard's deadline
         self._discard_left = 0  # > 0 while discarding a body answered early
         self._door_length = 0  # the body length of the request at the door
+        # What came after the head of the request at the door, if its head came whole at the
+        # start of one read while the worker was full (_feed_head): kept from h11 until known.
+        self._door_rest: memoryview | None = None
         self._door_skip = 0  # > 0 while counting off a body refused at the front door
         self._idle_timer: asyncio.TimerHandle | None = None  # shutdown's wait for a last request
         self._cutoff_timer: asyncio.TimerHandle | None = None  # shutdown's end of a request in flight
@@ -445,8 +448,27 @@ class ContractProtocol(H11Protocol):
             data = self._skip_refused_body(data)
             if not data:
                 return
-        super().data_received(data)
+        if self.door is not None and self.door.full():
+            self._feed_head(data)
+        else:
+            super().data_received(data)
         self._after_events()
+
+    def _feed_head(self, data: bytes) -> None:
+        """With the worker full, a request that begins ``data`` whole may wait at the door:
+        h11 gets its head alone, and what follows is kept back while it waits (_door_rest).
+        Given to h11 with the head, the rest would be copied into h11's buffer, moved when
+        the head is taken off and copied out again at a refusal, for a body never parsed."""
+        end = data.find(b"\r\n\r\n", 0, self.header_limit) if self.conn.their_state is h11.IDLE else -1
+        if end < 0 or self.conn.trailing_data[0]:  # no head there, or h11 holds the start of one
+            super().data_received(data)
+            return
+        end += 4
+        super().data_received(data[:end])
+        if self.conn.at_door:
+            self._door_rest = memoryview(data)[end:]
+        elif end < len(data) and not self._closing:
+            super().data_received(data[end:])
 
     def _after_events(self) -> None:
         """What follows uvicorn's handling of the events h11 parsed."""
@@ -569,6 +591,9 @@ class ContractProtocol(H11Protocol):
         conn = self.conn
         conn.at_door = False
         if refusal is None:
+            rest, self._door_rest = self._door_rest, None
+            if rest:
+                conn.receive_data(rest)
             self.flow.resume_reading()
             self.handle_events()
             self._after_events()
@@ -589,15 +614,21 @@ class ContractProtocol(H11Protocol):
         if not keep_alive:
             self._close_gracefully()
             return
-        buffered = self.conn.trailing_data[0]
+        buffered, rest, self._door_rest = self.conn.trailing_data[0], self._door_rest, None
         self.conn.protocol = None
         self.conn = _Connection(self, self.header_limit)
         self._door_skip = self._door_length
         self._timer = self.loop.call_later(settings.BODY_TIMEOUT_SECONDS, self._abort)
         self.flow.resume_reading()
         self._skip_door_body(buffered)
+        if not rest or self._closing:
+            return
+        if self._door_skip:
+            self._skip_door_body(rest)
+        else:  # the body ended in what h11 held: the rest is the next request's
+            self.data_received(bytes(rest))
 
-    def _skip_door_body(self, data: bytes) -> None:
+    def _skip_door_body(self, data: bytes | memoryview) -> None:
         """Count ``data`` off the body refused at the door; once it has ended, the connection
         waits for its next request, which may have begun in ``data``."""
         if len(data) < self._door_skip:
@@ -606,7 +637,7 @@ class ContractProtocol(H11Protocol):
         rest, self._door_skip = data[self._door_skip :], 0
         self._idle_again()
         if rest:
-            self.data_received(rest)
+            self.data_received(bytes(rest))
 
     def _door_response(self, status: int, message: str, keep_alive: bool) -> bytes:
         """The refusal's bytes, with uvicorn's default headers (its Date changes each second)."""
@@ -619,6 +650,7 @@ class ContractProtocol(H11Protocol):
         return made[1]
 
     def _leave_door(self) -> None:
+        self._door_rest = None
         if self.conn.at_door:
             self.conn.at_door = False
             self.door.abandon()

@@ -688,6 +688,9 @@ class _Door:
             self.done = done
         return head.method == b"POST"
 
+    def full(self) -> bool:
+        return True
+
     def abandon(self) -> None:
         self.done = None
 
@@ -726,17 +729,22 @@ async def _settle_tasks() -> None:
         await asyncio.sleep(0)
 
 
-def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(monkeypatch):
+@pytest.mark.parametrize("split", [0, 20], ids=["head-whole", "head-in-two-reads"])
+def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(monkeypatch, split):
     """While the door holds a request, uvicorn has neither its head nor its body: the
     connection stops reading (uvicorn pauses on h11's PAUSED) and the app is not called. Let
-    in, it reaches the app with the body that came with its head and the rest after it."""
+    in, it reaches the app with the body that came with its head and the rest after it.
+    A head that came whole with part of its body gave h11 the head alone."""
 
     async def scenario():
         protocol, transport, called = await _connection(monkeypatch)
         body = b"x" * 1000
-        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body[:400])
+        request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body[:400]
+        for part in (request[:split], request[split:]) if split else (request,):
+            protocol.data_received(part)
         await _settle_tasks()
         assert (called, transport.paused, protocol.cycle) == ([], True, None)
+        assert len(protocol.conn.trailing_data[0]) == (400 if split else 0)
         protocol.door.done(None)
         assert not transport.paused
         protocol.data_received(body[400:])
@@ -748,7 +756,8 @@ def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(m
     _run(scenario())
 
 
-def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the_connection_goes_on(monkeypatch):
+@pytest.mark.parametrize("split", [0, 20], ids=["head-whole", "head-in-two-reads"])
+def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the_connection_goes_on(monkeypatch, split):
     """Refused at the door, a request gets the contract's 503 written by the protocol itself
     (h11 moves on as after any response), never reaches the app, and its body, what came
     with the head and what follows, is discarded; the next request on the connection is served."""
@@ -756,7 +765,8 @@ def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the
     async def scenario():
         protocol, transport, called = await _connection(monkeypatch)
         head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
-        protocol.data_received(head + b"x" * 30000)
+        for part in (head[:split], head[split:] + b"x" * 30000) if split else (head + b"x" * 30000,):
+            protocol.data_received(part)
         protocol.door.done((503, "the worker is full"))
         ((status, body),) = transport.replies()
         assert (status, json.loads(body)) == (503, {"error": "the worker is full"})
@@ -766,10 +776,13 @@ def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the
         await _settle_tasks()
         assert called == ["/livez"]
         assert transport.replies()[1:] == [(200, b"0")]
-        # A body that came whole with its head is discarded at the refusal, not at the next data.
-        protocol.data_received(head.replace(b"100000", b"5") + b"x" * 5)
+        # A body that came whole with its head is discarded at the refusal, not at the next
+        # data; a request that came after it in the same read is served.
+        protocol.data_received(head.replace(b"100000", b"5") + b"x" * 5 + b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
         protocol.door.done((503, "the worker is full"))
-        assert [status for status, _ in transport.replies()] == [503, 200, 503]
+        await _settle_tasks()
+        assert [status for status, _ in transport.replies()] == [503, 200, 503, 200]
+        assert called == ["/livez", "/livez"]
         assert (protocol.conn.their_state, protocol._timer) == (h11.IDLE, None), "still discarding"
         protocol.connection_lost(None)
 
