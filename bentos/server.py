@@ -625,7 +625,7 @@ class ContractProtocol(H11Protocol):
             return
         if self._door_skip:
             self._skip_door_body(rest)
-        else:  # the body ended in what h11 held: the rest is the next request's
+        else:  # the body has ended (it was empty, or h11 held it all): the rest is the next request's
             self.data_received(bytes(rest))
 
     def _skip_door_body(self, data: bytes | memoryview) -> None:
