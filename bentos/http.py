@@ -207,10 +207,11 @@ class FrontDoor:
     uvicorn's request cycle and all of BentoML's middleware. One per connection (bentos.server
     puts it in front of the app uvicorn serves); it is the app uvicorn calls.
 
-    ``ContractProtocol`` asks it at each request's head whether the request ``holds``: if a
-    place is free, or the route is not a predict route, or the gate will refuse its headers
-    anyway (415, 413), it goes straight on, and the gate takes it a place. Otherwise it waits
-    here, its body unread and unparsed, with no task: a future and a timer in Admission's line.
+    While the worker is full, ``ContractProtocol`` reads the head of a request that begins a
+    read itself, and asks whether the request ``holds``: if a place is free, or the route is
+    not a predict route, or the gate will refuse its headers anyway (415, 413), it goes
+    straight on, and the gate takes it a place. Otherwise it waits here, its body unread and
+    h11 unaware of it, with no task: a future and a timer in Admission's line.
     Given a place, it goes on to uvicorn as any request, placed (``PLACED`` in its scope); else
     the protocol answers it 503 itself, with no uvicorn cycle. Under overload most requests
     are refused so (at 600 clients that retry at once, five in six for the torch service):
@@ -228,9 +229,9 @@ class FrontDoor:
         self._headers_at = 0.0
 
     def holds(self, head: Any, done: Callable[[tuple[int, str] | None], None]) -> bool:
-        """Whether the request of this h11 head waits here. If it does, ``done`` is called once
-        the wait ends (from the event loop, never from within this call): with None once it
-        has its place, or with the status and message to refuse it with."""
+        """Whether the request of this head (a bentos.server.DoorHead) waits here. If it does,
+        ``done`` is called once the wait ends (from the event loop, never from within this
+        call): with None once it has its place, or with the status and message to refuse it with."""
         if head.method != b"POST" or not self.full():
             return False
         try:  # its scope's path, as uvicorn makes it (a root path is never set here)
@@ -257,6 +258,13 @@ class FrontDoor:
         """The connection of the request waiting here is gone: it gives up its wait (or the
         place it was given meanwhile)."""
         self._done = None
+
+    def unplace(self) -> None:
+        """The request let in never reached the app (its head failed h11's checks after all):
+        the place it was given is free again."""
+        if self.placed is not None:
+            self.placed = None
+            self.admission.leave()
 
     def _settled(self, granted: bool) -> None:
         if self._done is None:  # abandoned

@@ -14,9 +14,9 @@ installed), and answers /readyz for itself. What the contract needs there and ne
   so that it reads the answer instead of a reset), and the shutdown: responses carry
   ``Connection: close``, idle keep-alive connections are closed (never reset), and requests
   cut off by the graceful timeout get a JSON 503 instead of uvicorn's plain-text 500. A
-  predict request that must wait for a place (bentos.http.FrontDoor) is held back from
-  uvicorn at its head, its body unparsed; refused, it is answered and its body counted
-  off here, with no uvicorn cycle, task or h11 work for it.
+  predict request that must wait for a place (bentos.http.FrontDoor) is held back at its
+  head, read here with h11's grammar (``door_head``); refused, it is answered and its body
+  counted off here, with no uvicorn cycle, task or h11 work for it.
 * ``WorkerBoard``: which workers have loaded their model, so any worker answers /readyz
   for the whole service (503 while one is missing, e.g. dead and being replaced).
 * The arbiter (``_patch_arbiter``): on SIGTERM it closes its copy of the listening socket
@@ -55,13 +55,12 @@ import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import h11
 import uvicorn.config
 from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # uvicorn's h11_impl imports it too
-from h11._connection import _keep_alive as h11_keep_alive  # whether h11 keeps a connection after this
-from h11._readers import ContentLengthReader
+from h11._readers import ContentLengthReader, header_field_re, request_line_re  # h11's grammar
 from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -324,33 +323,69 @@ def error_response(status: int, message: str, close: bool = True, headers: Seque
 _door_responses: dict[tuple[int, str, bool], tuple[list, bytes]] = {}
 
 
+class DoorHead(NamedTuple):
+    """A request head read by ContractProtocol itself, for the front door (``door_head``)."""
+
+    raw: bytes  # the request line and headers, through the blank line
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]  # names in lower case, as in an ASGI scope
+    length: int  # the body's (Content-Length)
+    keep_alive: bool  # whether the connection may go on after the answer, as h11 would judge
+
+
+# Headers after which h11 and uvicorn do more than frame a body of a declared length.
+_BEYOND_THE_DOOR = frozenset((b"transfer-encoding", b"upgrade", b"expect"))
+
+
+def door_head(raw: bytes) -> DoorHead | None:
+    """The POST request of ``raw`` (a request line and headers ending in a blank line, all
+    CRLF), if h11 would parse it alike and frame its body by its Content-Length alone; None
+    otherwise (h11 then reads it: it may fold a line, or answer 400). Checked with h11's own
+    grammar, as h11 checks it; the rest (hosts, lengths) is checked more strictly than h11."""
+    lines = raw[:-4].split(b"\r\n")
+    line = request_line_re.fullmatch(lines[0])
+    if line is None or line["method"] != b"POST" or line["http_version"] not in (b"1.1", b"1.0"):
+        return None
+    keep_alive = line["http_version"] == b"1.1"
+    headers, length, hosts = [], None, 0
+    for text in lines[1:]:
+        field = header_field_re.fullmatch(text)
+        if field is None:
+            return None
+        name, value = field["field_name"].lower(), field["field_value"]
+        if name == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 19:
+                return None
+            length = int(value)
+        elif name == b"host":
+            hosts += 1
+        elif name == b"connection":
+            keep_alive = keep_alive and b"close" not in [token.strip().lower() for token in value.split(b",")]
+        elif name in _BEYOND_THE_DOOR:
+            return None
+        headers.append((name, value))
+    if length is None:
+        length = 0  # as h11 frames a request without one
+    if hosts > 1 or (hosts == 0 and line["http_version"] == b"1.1") or length >= CONTENT_LENGTH_LIMIT:
+        return None
+    return DoorHead(raw, line["method"], line["target"], headers, length, keep_alive)
+
+
 class _Connection(h11.Connection):
     """h11's server side, which also has the protocol check each request's head as it is
-    parsed, keeps the protocol error it raised (uvicorn drops it), and holds a request back
-    from uvicorn while it waits at the front door.
-
-    A held request's head has been parsed; its body stays unparsed in h11's buffer. To
-    uvicorn the connection says PAUSED (as for a pipelined request), so uvicorn stops reading
-    it; once the request may go on, the next call returns its head."""
+    parsed, and keeps the protocol error it raised (uvicorn drops it)."""
 
     def __init__(self, protocol: ContractProtocol, max_incomplete_event_size: int) -> None:
         super().__init__(h11.SERVER, max_incomplete_event_size)
         self.protocol: ContractProtocol | None = protocol
         self.error: h11.RemoteProtocolError | None = None
-        self.held: h11.Request | None = None  # a request's head while it waits at the door, or may go on
-        self.at_door = False  # the held request is waiting
 
     def next_event(self) -> Any:
-        if self.held is not None:
-            if self.at_door:
-                return h11.PAUSED
-            event, self.held = self.held, None
-            return event
         try:
             event = super().next_event()
-            if type(event) is h11.Request and self.protocol is not None and self.protocol.request_head(event):
-                self.held, self.at_door = event, True
-                return h11.PAUSED
+            if type(event) is h11.Request and self.protocol is not None:
+                self.protocol.request_head(event)
         except h11.RemoteProtocolError as exc:
             self.error = exc
             raise
@@ -404,10 +439,8 @@ class ContractProtocol(H11Protocol):
         self._head_since = 0.0  # when the wait for the current request head began
         self._timer: asyncio.TimerHandle | None = None  # header timeout, or the discard's deadline
         self._discard_left = 0  # > 0 while discarding a body answered early
-        self._door_length = 0  # the body length of the request at the door
-        # What came after the head of the request at the door, if its head came whole at the
-        # start of one read while the worker was full (_feed_head): kept from h11 until known.
-        self._door_rest: memoryview | None = None
+        self._door_head: DoorHead | None = None  # the request waiting at the front door
+        self._door_rest: memoryview | bytes = b""  # what came after its head, kept from h11
         self._door_skip = 0  # > 0 while counting off a body refused at the front door
         self._idle_timer: asyncio.TimerHandle | None = None  # shutdown's wait for a last request
         self._cutoff_timer: asyncio.TimerHandle | None = None  # shutdown's end of a request in flight
@@ -448,27 +481,34 @@ class ContractProtocol(H11Protocol):
             data = self._skip_refused_body(data)
             if not data:
                 return
-        if self.door is not None and self.door.full():
-            self._feed_head(data)
-        else:
-            super().data_received(data)
+        if self._door_head is not None:  # reading is paused, but what was read waits with it
+            self._door_rest = bytes(self._door_rest) + data
+            return
+        if self.door is not None and self.door.full() and self._wait_at_door(data):
+            return
+        super().data_received(data)
         self._after_events()
 
-    def _feed_head(self, data: bytes) -> None:
-        """With the worker full, a request that begins ``data`` whole may wait at the door:
-        h11 gets its head alone, and what follows is kept back while it waits (_door_rest).
-        Given to h11 with the head, the rest would be copied into h11's buffer, moved when
-        the head is taken off and copied out again at a refusal, for a body never parsed."""
-        end = data.find(b"\r\n\r\n", 0, self.header_limit) if self.conn.their_state is h11.IDLE else -1
-        if end < 0 or self.conn.trailing_data[0]:  # no head there, or h11 holds the start of one
-            super().data_received(data)
-            return
-        end += 4
-        super().data_received(data[:end])
-        if self.conn.at_door:
-            self._door_rest = memoryview(data)[end:]
-        elif end < len(data) and not self._closing:
-            super().data_received(data[end:])
+    def _wait_at_door(self, data: bytes) -> bool:
+        """With the worker full, a predict request whose head begins ``data`` whole waits at
+        the front door, read here (door_head) and not by h11: refused, it costs no h11 work
+        at all, its body no copy into h11's buffer. Let in, h11 gets it as it came. True if
+        it waits. Any other request (its head split across reads, h11 already holding bytes,
+        a head door_head leaves to h11) goes to uvicorn, where the gate's own wait takes it."""
+        conn = self.conn
+        if conn.their_state is not h11.IDLE or conn.trailing_data[0] or self.limit_concurrency is not None:
+            # uvicorn's own concurrency limit (BentoML sets none) might not hand a request let
+            # in to the door, which gives the place back once the request it let in is answered.
+            return False
+        end = data.find(b"\r\n\r\n", 0, self.header_limit)
+        head = door_head(data[: end + 4]) if end >= 0 else None
+        if head is None or not self.door.holds(head, self._door_done):
+            return False
+        self._unset_keepalive_if_required()
+        self._cancel_timer()  # the header timeout: the head is in
+        self._door_head, self._door_rest = head, memoryview(data)[end + 4 :]
+        self.flow.pause_reading()  # TCP holds the client back while it waits
+        return True
 
     def _after_events(self) -> None:
         """What follows uvicorn's handling of the events h11 parsed."""
@@ -524,7 +564,7 @@ class ContractProtocol(H11Protocol):
     def shutdown(self) -> None:
         """uvicorn's graceful shutdown, for each open connection once the listener is closed."""
         _begin_stopping(self.server_state)
-        if self._closing or self.conn.at_door:
+        if self._closing or self._door_head is not None:
             return  # a request at the door: its answer, or _door_done, sees to it
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -555,78 +595,55 @@ class ContractProtocol(H11Protocol):
 
     # -- the contract's additions --
 
-    def request_head(self, event: h11.Request) -> bool:
-        """A request's line and headers are in (called from h11's next_event); True if it
-        waits at the front door."""
+    def request_head(self, event: h11.Request) -> None:
+        """A request's line and headers are in (called from h11's next_event): 400 or 431 if
+        they go past what h11 checks."""
         self._cancel_timer()
         size = len(event.method) + len(event.target) + 13  # "M T HTTP/1.1\r\n" ... "\r\n"
-        length: int | None = 0  # the body's, as h11 frames it; None if chunked
-        upgrade = False
         for name, value in event.headers:
             size += len(name) + len(value) + 4
-            if name == b"content-length" and length is not None:
-                # h11 has checked it is decimal; it cannot say how large (a 5,000-digit one
-                # would even fail int()), and the body after it cannot be framed.
-                if len(value) > 19 or (length := int(value)) >= CONTENT_LENGTH_LIMIT:
-                    raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
-            elif name == b"transfer-encoding":
-                length = None
-            elif name == b"upgrade":
-                upgrade = True
+            # h11 has checked it is decimal; it cannot say how large (a 5,000-digit one would
+            # even fail int()), and the body after it cannot be framed.
+            if name == b"content-length" and (len(value) > 19 or int(value) >= CONTENT_LENGTH_LIMIT):
+                raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
             raise h11.RemoteProtocolError("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-        # A chunked body is not worth framing at the door: the gate's own wait takes it. Nor
-        # may a request wait there that uvicorn might not hand to the door once let in (an
-        # upgrade, or uvicorn's own concurrency limit, which BentoML does not set): the door
-        # gives its place back when the request it let in has been answered.
-        if length is None or upgrade or self.limit_concurrency is not None or self.door is None:
-            return False
-        self._door_length = length
-        return self.door.holds(event, self._door_done)
 
     def _door_done(self, refusal: tuple[int, str] | None) -> None:
-        """The wait at the front door is over: the request goes on to uvicorn, as if its head
-        had just been parsed, or is refused with ``refusal`` (status, message)."""
-        conn = self.conn
-        conn.at_door = False
-        if refusal is None:
-            rest, self._door_rest = self._door_rest, None
-            if rest:
-                conn.receive_data(rest)
-            self.flow.resume_reading()
-            self.handle_events()
-            self._after_events()
-            if _stopping and not self._closing:
-                self.shutdown()  # it came before the stop: it is answered, then the connection closes
+        """The wait at the front door is over: the request goes on to uvicorn, given to h11
+        as it came, or is refused with ``refusal`` (status, message)."""
+        head, rest = self._door_head, self._door_rest
+        self._door_head, self._door_rest = None, b""
+        self.flow.resume_reading()
+        if refusal is not None:
+            self._refuse_at_door(head, rest, *refusal)
             return
-        head, conn.held = conn.held, None
-        self._refuse_at_door(head, *refusal)
+        cycle = self.cycle
+        self.conn.receive_data(head.raw)
+        if rest:  # (no data at all would tell h11 the client has closed)
+            self.conn.receive_data(rest)
+        self.handle_events()
+        if self.cycle is cycle:  # h11 refused what door_head took (never seen): no app call will
+            self.door.unplace()
+        self._after_events()
+        if _stopping and not self._closing:
+            self.shutdown()  # it came before the stop: it is answered, then the connection closes
 
-    def _refuse_at_door(self, head: h11.Request, status: int, message: str) -> None:
+    def _refuse_at_door(self, head: DoorHead, rest: memoryview | bytes, status: int, message: str) -> None:
         """Answer a request at the door, its body unread, without uvicorn or h11: under
         overload nearly all refusals are these. Its answer is written as bytes made once a
         second; its body (the rest of what came with its head, and what follows) is counted
-        off, and a new h11 connection reads the next request."""
-        keep_alive = not _stopping and h11_keep_alive(head)
+        off, and the connection waits for its next request."""
+        keep_alive = not _stopping and head.keep_alive
         self._raw.write(self._door_response(status, message, keep_alive))
         self.server_state.total_requests += 1  # as uvicorn counts a response
         if not keep_alive:
             self._close_gracefully()
             return
-        buffered, rest, self._door_rest = self.conn.trailing_data[0], self._door_rest, None
-        self.conn.protocol = None
-        self.conn = _Connection(self, self.header_limit)
-        self._door_skip = self._door_length
+        self._door_skip = head.length
         self._timer = self.loop.call_later(settings.BODY_TIMEOUT_SECONDS, self._abort)
-        self.flow.resume_reading()
-        self._skip_door_body(buffered)
-        if not rest or self._closing:
-            return
-        if self._door_skip:
-            self._skip_door_body(rest)
-        else:  # the body has ended (it was empty, or h11 held it all): the rest is the next request's
-            self.data_received(bytes(rest))
+        self._skip_door_body(rest)
 
     def _skip_door_body(self, data: bytes | memoryview) -> None:
         """Count ``data`` off the body refused at the door; once it has ended, the connection
@@ -650,9 +667,8 @@ class ContractProtocol(H11Protocol):
         return made[1]
 
     def _leave_door(self) -> None:
-        self._door_rest = None
-        if self.conn.at_door:
-            self.conn.at_door = False
+        if self._door_head is not None:
+            self._door_head, self._door_rest = None, b""
             self.door.abandon()
 
     def _skip_refused_body(self, data: bytes) -> bytes:

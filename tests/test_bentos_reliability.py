@@ -632,6 +632,59 @@ def test_a_body_counted_off_h11s_reader_ends_as_if_h11_had_read_it():
     assert conn.next_event().target == b"/livez"
 
 
+_HEADS_AT_THE_DOOR = {
+    "plain": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+    "http-1.0": b"POST /predict?a=1 HTTP/1.0\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n",
+    "cases-and-spaces": b"POST /predict HTTP/1.1\r\nhost: x\r\nCONTENT-LENGTH:5 \r\nX-A:  a \t b \t\r\nX-B:\r\n\r\n",
+    "close-in-a-list": b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: Keep-Alive, CLOSE\r\n\r\n",
+    "obs-text": b"POST /up%6Coad HTTP/1.1\r\nHost: x\r\nX-A: caf\xe9\r\nContent-Length: 9223372036854775807\r\n\r\n",
+}
+_HEADS_LEFT_TO_H11 = {
+    "folded-line": b"POST /predict HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nContent-Length: 1\r\n\r\n",
+    "no-host": b"POST /predict HTTP/1.1\r\nContent-Length: 1\r\n\r\n",
+    "two-hosts": b"POST /predict HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 1\r\n\r\n",
+    "length-list": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n",
+    "two-lengths": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+    "length-2^63": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9223372036854775808\r\n\r\n",
+    "length-20-digits": b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 00000000000000000001\r\n\r\n",
+    "chunked": b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+    "expect": b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+    "upgrade": b"POST /predict HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+    "lower-case-method": b"post /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n",
+    "get": b"GET /predict HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http-2.0": b"POST /predict HTTP/2.0\r\nHost: x\r\nContent-Length: 1\r\n\r\n",
+    "bare-lf": b"POST /predict HTTP/1.1\r\nHost: x\nContent-Length: 1\r\n\r\n",
+    "bad-name": b"POST /predict HTTP/1.1\r\nHost: x\r\nX A: b\r\n\r\n",
+    "nul-in-value": b"POST /predict HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n",
+    "space-in-target": b"POST /pre dict HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "at_door"),
+    [(raw, True) for raw in _HEADS_AT_THE_DOOR.values()] + [(raw, False) for raw in _HEADS_LEFT_TO_H11.values()],
+    ids=[*_HEADS_AT_THE_DOOR, *_HEADS_LEFT_TO_H11],
+)
+def test_a_head_read_for_the_front_door_is_what_h11_would_read(raw, at_door):
+    """bentos.server.door_head reads a request head for the front door with h11's own grammar
+    (``h11._readers.request_line_re``, ``header_field_re``): a head it takes, h11 parses into
+    the same request, framed by the same length, kept alive alike; any other it leaves to h11."""
+    from h11._connection import _keep_alive
+    from h11._readers import ContentLengthReader
+
+    head = server.door_head(raw)
+    assert (head is not None) == at_door
+    if head is None:
+        return
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(raw)
+    request = conn.next_event()
+    assert (request.method, request.target, list(request.headers)) == (head.method, head.target, head.headers)
+    assert (type(conn._reader), conn._reader._remaining) == (ContentLengthReader, head.length)
+    assert _keep_alive(request) == head.keep_alive
+    assert head.raw == raw
+
+
 class _Transport(asyncio.Transport):
     """A connection's transport in memory: what is written, and whether reading is paused."""
 
@@ -682,6 +735,7 @@ class _Door:
     def __init__(self, app) -> None:
         self.app = app
         self.done = None
+        self.unplaced = False
 
     def holds(self, head, done) -> bool:
         if head.method == b"POST":
@@ -693,6 +747,9 @@ class _Door:
 
     def abandon(self) -> None:
         self.done = None
+
+    def unplace(self) -> None:
+        self.unplaced = True
 
     def __call__(self, scope, receive, send):
         return self.app(scope, receive, send)
@@ -729,44 +786,57 @@ async def _settle_tasks() -> None:
         await asyncio.sleep(0)
 
 
-@pytest.mark.parametrize("split", [0, 20], ids=["head-whole", "head-in-two-reads"])
-def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(monkeypatch, split):
-    """While the door holds a request, uvicorn has neither its head nor its body: the
-    connection stops reading (uvicorn pauses on h11's PAUSED) and the app is not called. Let
-    in, it reaches the app with the body that came with its head and the rest after it.
-    A head that came whole with part of its body gave h11 the head alone."""
+def test_a_request_held_at_the_front_door_goes_on_to_uvicorn_as_if_just_parsed(monkeypatch):
+    """While the door holds a request, neither h11 nor uvicorn has any of it: the connection
+    stops reading and the app is not called. Let in, it reaches the app with the body that
+    came with its head and the rest after it."""
 
     async def scenario():
         protocol, transport, called = await _connection(monkeypatch)
         body = b"x" * 1000
-        request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body[:400]
-        for part in (request[:split], request[split:]) if split else (request,):
-            protocol.data_received(part)
+        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + body[:400])
         await _settle_tasks()
         assert (called, transport.paused, protocol.cycle) == ([], True, None)
-        assert len(protocol.conn.trailing_data[0]) == (400 if split else 0)
+        assert (protocol.conn.their_state, protocol.conn.trailing_data[0]) == (h11.IDLE, b"")
         protocol.door.done(None)
         assert not transport.paused
         protocol.data_received(body[400:])
         await _settle_tasks()
         assert called == ["/predict"]
         assert transport.replies() == [(200, b"1000")]
+        assert not protocol.door.unplaced
         protocol.connection_lost(None)
 
     _run(scenario())
 
 
-@pytest.mark.parametrize("split", [0, 20], ids=["head-whole", "head-in-two-reads"])
-def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the_connection_goes_on(monkeypatch, split):
-    """Refused at the door, a request gets the contract's 503 written by the protocol itself
-    (h11 moves on as after any response), never reaches the app, and its body, what came
-    with the head and what follows, is discarded; the next request on the connection is served."""
+def test_a_request_let_in_at_the_front_door_that_h11_then_refuses_gives_its_place_back(monkeypatch):
+    """h11 should parse every head door_head takes; were it to refuse one once let in (400),
+    no app call would give back the place the door gave it, so the protocol does."""
+
+    async def scenario():
+        protocol, transport, called = await _connection(monkeypatch)
+        monkeypatch.setattr(server, "door_head", lambda raw: server.DoorHead(raw, b"POST", b"/predict", [], 3, True))
+        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 3\r\n\r\nabc")
+        assert not protocol.door.unplaced
+        protocol.door.done(None)
+        await _settle_tasks()
+        assert (protocol.door.unplaced, called) == (True, [])
+        assert [status for status, _ in transport.replies()] == [400]
+        protocol.connection_lost(None)
+
+    _run(scenario())
+
+
+def test_a_request_refused_at_the_front_door_is_answered_without_uvicorn_and_the_connection_goes_on(monkeypatch):
+    """Refused at the door, a request gets the contract's 503 written by the protocol itself,
+    never reaches the app or h11, and its body, what came with the head and what follows, is
+    discarded; the next request on the connection is served."""
 
     async def scenario():
         protocol, transport, called = await _connection(monkeypatch)
         head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
-        for part in (head[:split], head[split:] + b"x" * 30000) if split else (head + b"x" * 30000,):
-            protocol.data_received(part)
+        protocol.data_received(head + b"x" * 30000)
         protocol.door.done((503, "the worker is full"))
         ((status, body),) = transport.replies()
         assert (status, json.loads(body)) == (503, {"error": "the worker is full"})
@@ -814,19 +884,26 @@ def test_a_refusal_at_the_front_door_ends_the_connection_when_the_client_asked(m
 
 
 @pytest.mark.parametrize(
-    "head",
-    [b"Transfer-Encoding: chunked\r\n", b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 9\r\n"],
-    ids=["chunked", "upgrade"],
+    ("head", "split"),
+    [
+        (b"Transfer-Encoding: chunked\r\n", 0),
+        (b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 9\r\n", 0),
+        (b"Content-Length: 9\r\n", 20),
+    ],
+    ids=["chunked", "upgrade", "head-in-two-reads"],
 )
-def test_a_request_the_front_door_cannot_see_through_does_not_wait_there(monkeypatch, head):
-    """A chunked body would have to be framed chunk by chunk to be skipped, and uvicorn may
-    hand an upgrade to another protocol instead of the door's app (which gives the place
-    back): such a request goes on to uvicorn, where the gate's own wait for a place takes it."""
+def test_a_request_the_front_door_cannot_see_through_does_not_wait_there(monkeypatch, head, split):
+    """A chunked body would have to be framed chunk by chunk to be skipped, uvicorn may hand
+    an upgrade to another protocol instead of the door's app (which gives the place back),
+    and a head split across reads is h11's to put together: such a request goes on to
+    uvicorn, where the gate's own wait for a place takes it."""
 
     async def scenario():
         protocol, transport, called = await _connection(monkeypatch)
         body = b"4\r\nabcd\r\n0\r\n\r\n" if b"chunked" in head else b"abcdefghi"
-        protocol.data_received(b"POST /predict HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body)
+        request = b"POST /predict HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body
+        for part in (request[:split], request[split:]) if split else (request,):
+            protocol.data_received(part)
         await _settle_tasks()
         assert (protocol.door.done, called) == (None, ["/predict"])
         assert [status for status, _ in transport.replies()] == [200]
