@@ -16,7 +16,9 @@ installed), and answers /readyz for itself. What the contract needs there and ne
   cut off by the graceful timeout get a JSON 503 instead of uvicorn's plain-text 500. A
   predict request that must wait for a place (bentos.http.FrontDoor) is held back at its
   head, read here with h11's grammar (``door_head``); refused, it is answered and its body
-  counted off here, with no uvicorn cycle, task or h11 work for it.
+  counted off here, with no uvicorn cycle, task or h11 work for it. Reads go into one
+  buffer of the worker's (``_Reader``), a head's worth at a time while the worker is full,
+  so that such a body is only ever counted off in it, never copied out.
 * ``WorkerBoard``: which workers have loaded their model, so any worker answers /readyz
   for the whole service (503 while one is missing, e.g. dead and being replaced).
 * The arbiter (``_patch_arbiter``): on SIGTERM it closes its copy of the listening socket
@@ -392,6 +394,27 @@ class _Connection(h11.Connection):
         return event
 
 
+# Where every connection of a worker reads (the transport calls _Reader). What is kept is
+# copied out at once; what is only counted off (a body refused at the front door, what a
+# closing connection is still sent) is not copied out at all. As large as uvloop's own reads.
+_READ_BUFFER = memoryview(bytearray(256_000))
+
+
+class _Reader(asyncio.BufferedProtocol):
+    """What the transport calls for a ContractProtocol, which picks the buffer each read goes
+    to (ContractProtocol.read_into). uvloop reads into a protocol's buffer only if that
+    protocol is not an asyncio.Protocol, which uvicorn's is, hence this one."""
+
+    def __init__(self, protocol: ContractProtocol) -> None:
+        # Bound once: the transport calls them with no extra frame.
+        self.get_buffer = protocol.read_into
+        self.buffer_updated = protocol.have_read
+        self.eof_received = protocol.eof_received
+        self.connection_lost = protocol.connection_lost
+        self.pause_writing = protocol.pause_writing
+        self.resume_writing = protocol.resume_writing
+
+
 class _Transport:
     """The transport as uvicorn's code sees it: every close it asks for is a graceful one."""
 
@@ -454,6 +477,7 @@ class ContractProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
         super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
+        transport.set_protocol(_Reader(self))
         self._head_since = self.loop.time()
         self._timer = self.loop.call_later(settings.HEADER_TIMEOUT_SECONDS, self._head_timeout)
 
@@ -463,7 +487,23 @@ class ContractProtocol(H11Protocol):
         self.conn.protocol = None  # the reference cycle would keep both alive until a collection
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
+    def read_into(self, sizehint: int) -> memoryview:
+        """Where the transport reads next (_Reader.get_buffer): while the worker is full and
+        the connection awaits a request head, a head's worth (header_limit), so that the body
+        of a request that waits at the front door stays in the kernel until it is let in (and
+        read) or refused (and counted off in the buffer, never copied out); else the whole buffer."""
+        door = self.door
+        if door is not None and not self._door_skip and self.conn.their_state is h11.IDLE and door.full():
+            return _READ_BUFFER[: self.header_limit]
+        return _READ_BUFFER
+
+    def have_read(self, size: int) -> None:
+        """``size`` bytes have been read into the buffer (_Reader.buffer_updated)."""
+        data = _READ_BUFFER[:size]
+        self.data_received(data if self._closing or self._door_skip else bytes(data))
+
+    def data_received(self, data: bytes | memoryview) -> None:  # type: ignore[override]
+        """What the client sent; a view of the read buffer only while it is to be counted off."""
         if self._closing:
             self._discard_while_closing(len(data))
             return

@@ -35,6 +35,7 @@ import h11
 import psutil
 import pytest
 import uvicorn
+import uvloop
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -700,6 +701,9 @@ class _Transport(asyncio.Transport):
     def get_extra_info(self, name, default=None):
         return ("127.0.0.1", 9) if name in ("peername", "sockname") else default
 
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
     def pause_reading(self) -> None:
         self.paused = True
 
@@ -755,12 +759,9 @@ class _Door:
         return self.app(scope, receive, send)
 
 
-async def _connection(monkeypatch) -> tuple[server.ContractProtocol, _Transport, list]:
-    """A ContractProtocol on a transport in memory, with a _Door, serving an app that answers
-    each request with its body's length; the list holds the paths the app was called for."""
-    from uvicorn.server import ServerState
-
-    called = []
+def _door_config(monkeypatch, called: list) -> uvicorn.Config:
+    """uvicorn's config for ContractProtocols with a _Door, serving an app that answers each
+    request with its body's length; ``called`` gets the paths the app was called for."""
 
     async def app(scope, receive, send):
         called.append(scope["path"])
@@ -775,7 +776,15 @@ async def _connection(monkeypatch) -> tuple[server.ContractProtocol, _Transport,
     monkeypatch.setattr(server, "front_door", _Door)
     config = uvicorn.Config(app=app, log_config=None, lifespan="off")
     config.load()
-    protocol = server.ContractProtocol(config, ServerState(), {})
+    return config
+
+
+async def _connection(monkeypatch) -> tuple[server.ContractProtocol, _Transport, list]:
+    """A ContractProtocol on a transport in memory (see _door_config)."""
+    from uvicorn.server import ServerState
+
+    called = []
+    protocol = server.ContractProtocol(_door_config(monkeypatch, called), ServerState(), {})
     transport = _Transport()
     protocol.connection_made(transport)
     return protocol, transport, called
@@ -910,6 +919,56 @@ def test_a_request_the_front_door_cannot_see_through_does_not_wait_there(monkeyp
         protocol.connection_lost(None)
 
     _run(scenario())
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
+def test_a_connection_reads_into_the_buffer_its_protocol_picks(monkeypatch, loop_factory):
+    """uvloop reads into a protocol's own buffer only if the protocol is not an asyncio.Protocol
+    (uvicorn's is), so a ContractProtocol has its transport call a bentos.server._Reader: every
+    read goes where ``read_into`` says. With the worker full (the _Door always is), that is a
+    head's worth while a head is awaited, and the whole buffer while a body refused at the door
+    is counted off; then the next request on the connection is served."""
+    from uvicorn.server import ServerState
+
+    offered = []  # the buffers read_into gave
+    read_into = server.ContractProtocol.read_into
+
+    def recorded(self, sizehint):
+        offered.append(read_into(self, sizehint))
+        return offered[-1]
+
+    monkeypatch.setattr(server.ContractProtocol, "read_into", recorded)
+
+    async def scenario():
+        called, protocols = [], []
+        config = _door_config(monkeypatch, called)
+
+        def connection():
+            protocols.append(server.ContractProtocol(config, ServerState(), {}))
+            return protocols[-1]
+
+        listener = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname())
+        body = b"x" * 600_000
+        writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        while protocols[0].door.done is None:
+            await asyncio.sleep(0.01)
+        protocols[0].door.done((503, "the worker is full"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ")
+        await reader.readexactly(int(re.search(rb"content-length: (\d+)", head).group(1)))
+        writer.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        assert await reader.readexactly(1) == b"0"
+        assert called == ["/livez"]
+        writer.close()
+        listener.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 10))
+    sizes = [len(buffer) for buffer in offered]
+    assert sizes[0] == server.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, "a head's worth"
+    assert len(server._READ_BUFFER) in sizes, "the body was counted off in whole-buffer reads"
 
 
 def test_a_request_at_the_front_door_when_the_worker_stops_is_answered_then_closed(monkeypatch):
