@@ -38,7 +38,6 @@ that changes them fails there instead of leaking to clients.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -531,9 +530,9 @@ class Admission:
     def _part(line: deque[_Waiter], waiter: _Waiter, deadline: asyncio.TimerHandle) -> None:
         """A wait in ``line`` is over."""
         deadline.cancel()
-        if not waiter.granted:
-            with contextlib.suppress(ValueError):
-                line.remove(waiter)  # not granted: it no longer counts as waiting
+        if waiter.in_line:  # neither granted nor passed over: it no longer counts as waiting
+            waiter.in_line = False
+            line.remove(waiter)  # (the first waiters, usually: the line is in deadline order)
 
 
 # The weight of the latest run in the mean run time (Admission.expected_run).
@@ -572,6 +571,9 @@ class _Waiter:
 
     answer_by: float
     future: asyncio.Future
+    # Still in its line. A waiter passed over leaves it before its wait ends: searching the
+    # line for it then would walk the whole line, and format the error with its repr.
+    in_line: bool = True
 
     @property
     def granted(self) -> bool:
@@ -586,6 +588,7 @@ def _grant_first(line: deque[_Waiter], answered_at: float) -> bool:
     them could make it later either) and wait for their deadline's timer."""
     while line:
         waiter = line.popleft()
+        waiter.in_line = False
         if not waiter.future.done() and answered_at <= waiter.answer_by:
             waiter.future.set_result(_GRANTED)
             return True
