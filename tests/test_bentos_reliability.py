@@ -36,6 +36,7 @@ import psutil
 import pytest
 import uvicorn
 import uvloop
+from bentoml._internal.server.http import traffic
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -575,10 +576,80 @@ def test_a_bentoml_worker_gets_the_contract_protocol(monkeypatch):
 
     monkeypatch.setattr(server_context, "worker_index", 1)
     monkeypatch.setitem(uvicorn.config.HTTP_PROTOCOLS, "auto", uvicorn.config.HTTP_PROTOCOLS["auto"])
+    monkeypatch.setattr(traffic, "TimeoutMiddleware", traffic.TimeoutMiddleware)
     server.install()
     config = uvicorn.Config(app=lambda scope, receive, send: None, log_config=None, timeout_graceful_shutdown=None)
     config.load()
     assert config.http_protocol_class is server.ContractProtocol
+    assert traffic.TimeoutMiddleware is server.TimeoutMiddleware
+
+
+def test_bentomls_apps_take_their_timeout_middleware_from_its_module_as_they_are_built():
+    """bentos.server.install replaces BentoML's TimeoutMiddleware in its module; BentoML's app
+    factory imports it from there when it lists its middleware, with the same arguments."""
+    from bentoml._internal.server.base_app import BaseAppFactory
+
+    middlewares = inspect.getsource(BaseAppFactory.middlewares.fget)
+    assert "from .http.traffic import TimeoutMiddleware" in middlewares
+    assert "Middleware(TimeoutMiddleware, timeout=self.timeout)" in middlewares
+    assert list(inspect.signature(traffic.TimeoutMiddleware).parameters) == ["app", "timeout"]
+
+
+def _through_timeout_middleware(middleware, app):
+    """Run one HTTP request through ``middleware`` (timeout 60 s) around ``app`` on an asyncio
+    loop: what was sent, and the loop's timers still to run then that are due in over 30 s."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def scenario():
+        await middleware(app, 60)({"type": "http"}, None, send)
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        return [timer for timer in loop._scheduled if not timer.cancelled() and timer.when() > loop.time() + 30]
+
+    return sent, asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+async def _answers(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_bentomls_timeout_middleware_left_its_timer_running_and_ours_does_not():
+    """BentoML's TimeoutMiddleware leaves a timer for each request, holding its future and
+    context for the whole traffic timeout; bentos.server's cancels it once the request is over."""
+    sent, timers = _through_timeout_middleware(traffic.TimeoutMiddleware, _answers)
+    assert (len(sent), len(timers)) == (2, 1), "BentoML's no longer leaves its timer: drop ours"
+    sent, timers = _through_timeout_middleware(server.TimeoutMiddleware, _answers)
+    assert (len(sent), timers) == (2, [])
+
+
+def test_the_timeout_middleware_answers_504_in_time_and_does_not_wait_on_an_app_that_ended():
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    async def silent(scope, receive, send):
+        pass
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def scenario():
+        started = time.monotonic()
+        await server.TimeoutMiddleware(slow, 0.05)({"type": "http"}, None, send)
+        assert time.monotonic() - started < 1
+        assert sent[0]["status"] == 504
+        assert json.loads(sent[1]["body"]) == {"error": "Not able to process the request in 0.05 seconds"}
+        sent.clear()
+        await server.TimeoutMiddleware(silent, 60)({"type": "http"}, None, send)
+        assert time.monotonic() - started < 1
+        assert sent == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
 def test_the_arbiter_bentoml_creates_is_the_patched_one():
