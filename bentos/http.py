@@ -206,11 +206,11 @@ class FrontDoor:
     uvicorn's request cycle and all of BentoML's middleware. One per connection (bentos.server
     puts it in front of the app uvicorn serves); it is the app uvicorn calls.
 
-    While the worker is full, ``ContractProtocol`` reads the head of a request that begins a
-    read itself, and asks whether the request ``holds``: if a place is free, or the route is
-    not a predict route, or the gate will refuse its headers anyway (415, 413), it goes
-    straight on, and the gate takes it a place. Otherwise it waits here, its body unread and
-    h11 unaware of it, with no task: a future and a timer in Admission's line.
+    While the worker is full, ``ContractProtocol`` reads a request's head itself when the
+    head begins a read, and asks whether the request ``holds``: if a place is free, or the
+    route is not a predict route, or the gate will refuse its headers anyway (415, 413), it
+    goes straight on, and the gate takes it a place. Otherwise it waits here, its body unread
+    and h11 unaware of it, with no task: a future and a timer in Admission's line.
     Given a place, it goes on to uvicorn as any request, placed (``PLACED`` in its scope); else
     the protocol answers it 503 itself, with no uvicorn cycle. Under overload most requests
     are refused so (at 600 clients that retry at once, five in six for the torch service):
