@@ -506,7 +506,7 @@ class Admission:
         gone = None
         if receive is not None:
             gone = asyncio.get_running_loop().create_task(_disconnected(receive))
-            gone.add_done_callback(lambda _: _settle(waiter.future, _GONE))
+            gone.add_done_callback(lambda _: server.settle(waiter.future, _GONE))
         try:
             return await waiter.future
         except asyncio.CancelledError:
@@ -524,7 +524,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(answer_by, loop.create_future())
         line.append(waiter)
-        return waiter, loop.call_at(answer_by - self.expected_run, _settle, waiter.future, _TIMED_OUT)
+        return waiter, loop.call_at(answer_by - self.expected_run, server.settle, waiter.future, _TIMED_OUT)
 
     @staticmethod
     def _part(line: deque[_Waiter], waiter: _Waiter, deadline: asyncio.TimerHandle) -> None:
@@ -593,11 +593,6 @@ def _grant_first(line: deque[_Waiter], answered_at: float) -> bool:
             waiter.future.set_result(_GRANTED)
             return True
     return False
-
-
-def _settle(waiter: asyncio.Future, outcome: str) -> None:
-    if not waiter.done():
-        waiter.set_result(outcome)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -359,7 +359,7 @@ def door_head(raw: bytes) -> DoorHead | None:
             return None
         name, value = field["field_name"].lower(), field["field_value"]
         if name == b"content-length":
-            if length is not None or not value.isdigit() or len(value) > 19:
+            if length is not None or not content_length_allowed(value):
                 return None
             length = int(value)
         elif name == b"host":
@@ -371,9 +371,15 @@ def door_head(raw: bytes) -> DoorHead | None:
         headers.append((name, value))
     if length is None:
         length = 0  # as h11 frames a request without one
-    if hosts > 1 or (hosts == 0 and line["http_version"] == b"1.1") or length >= CONTENT_LENGTH_LIMIT:
+    if hosts > 1 or (hosts == 0 and line["http_version"] == b"1.1"):
         return None
     return DoorHead(raw, line["method"], line["target"], headers, length, keep_alive)
+
+
+def content_length_allowed(value: bytes) -> bool:
+    """Whether a Content-Length can frame a body: a decimal number below 2^63. h11 checks it
+    is decimal but cannot say how large (a 5,000-digit one would even fail int())."""
+    return value.isdigit() and len(value) <= 19 and int(value) < CONTENT_LENGTH_LIMIT
 
 
 class _Connection(h11.Connection):
@@ -644,9 +650,7 @@ class ContractProtocol(H11Protocol):
         size = len(event.method) + len(event.target) + 13  # "M T HTTP/1.1\r\n" ... "\r\n"
         for name, value in event.headers:
             size += len(name) + len(value) + 4
-            # h11 has checked it is decimal; it cannot say how large (a 5,000-digit one would
-            # even fail int()), and the body after it cannot be framed.
-            if name == b"content-length" and (len(value) > 19 or int(value) >= CONTENT_LENGTH_LIMIT):
+            if name == b"content-length" and not content_length_allowed(value):
                 raise h11.RemoteProtocolError("Content-Length is not a number below 2^63", 400)
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
@@ -999,12 +1003,12 @@ class TimeoutMiddleware:
         begun = loop.create_future()  # done once the answer begins, or the app has ended
 
         async def send_begun(message: Any) -> None:
-            _settle_future(begun, None)
+            settle(begun, None)
             await send(message)
 
         app = asyncio.ensure_future(self.app(scope, receive, send_begun))
-        app.add_done_callback(lambda _: _settle_future(begun, None))
-        timer = loop.call_later(self.timeout, _settle_future, begun, _TIMED_OUT)
+        app.add_done_callback(lambda _: settle(begun, None))
+        timer = loop.call_later(self.timeout, settle, begun, _TIMED_OUT)
         try:
             if await begun is _TIMED_OUT and app.cancel():  # and the app still runs
                 from starlette.responses import JSONResponse
@@ -1020,7 +1024,8 @@ class TimeoutMiddleware:
 _TIMED_OUT = "timed out"
 
 
-def _settle_future(future: asyncio.Future, outcome: Any) -> None:
+def settle(future: asyncio.Future, outcome: Any) -> None:
+    """Give ``future`` its ``outcome`` unless it has one already."""
     if not future.done():
         future.set_result(outcome)
 
