@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import importlib.util
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -47,9 +48,21 @@ class LaunchError(Exception):
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1, below the kernel's ephemeral range. A port from bind(0) would
+    come from that range, where other programs keep taking ports after it is released: the
+    local ends of outgoing connections, and the ZeroMQ endpoints a bento's circus binds as it
+    starts (its greeting once answered a /readyz poll in CI)."""
+    ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = list(range(min(20_000, ephemeral_from // 2), ephemeral_from))
+    random.shuffle(ports)
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LaunchError(f"no free port below {ephemeral_from}")
 
 
 def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
