@@ -22,7 +22,7 @@ routes it:
   Content-Type the route does not take (415), for uploads anything but one file part
   named ``image``, and for raw bodies anything but a JPEG or PNG (400);
 * lets it run only once one of the worker's threads is free, in arrival order, and only
-  if it can be answered within REQUEST_TIMEOUT_SECONDS of its headers (503 otherwise,
+  if it can be answered within REQUEST_TIMEOUT_SECONDS of its headers' arrival (503 otherwise,
   judging by the recent run times); nothing is run if the client left;
 * rewrites every error BentoML answers into ``{"error": "..."}``, with a message that
   names the problem where BentoML's body allows it.
@@ -106,9 +106,11 @@ class ContractGate:
             await self.app(scope, receive, _ContractErrors(send))
             return
         admission, loop = self.admission, asyncio.get_running_loop()
-        # Set by the FrontDoor if the request waited there, and got its place.
-        placed_at_door = PLACED in scope
-        headers_at, placed_at = scope[PLACED] if placed_at_door else (loop.time(), 0.0)
+        # Set by the FrontDoor: when the headers reached the server's kernel, and, if the
+        # request waited there, when it got its place.
+        headers_at = scope.get(HEADERS_AT) or loop.time()
+        placed_at = scope.get(PLACED_AT) or 0.0
+        placed_at_door = PLACED_AT in scope
         answer_by = headers_at + admission.answer_within
         errors = _ContractErrors(send)
         placed = False
@@ -196,9 +198,10 @@ async def _announce_when_loaded() -> None:
     server.worker_loaded(ready=classifier is None or classifier.ready)
 
 
-# The scope's key through which the FrontDoor tells the gate it placed a request: when that
-# request's headers came, and when it got its place.
-PLACED = "weather.placed"
+# The scope's keys through which the FrontDoor tells the gate when a request's headers
+# reached the kernel (loop time), and, if it placed the request, when it did.
+HEADERS_AT = "weather.headers_at"
+PLACED_AT = "weather.placed_at"
 
 
 class FrontDoor:
@@ -211,7 +214,7 @@ class FrontDoor:
     route is not a predict route, or the gate will refuse its headers anyway (415, 413), it
     goes straight on, and the gate takes it a place. Otherwise it waits here, its body unread
     and h11 unaware of it, with no task: a future and a timer in Admission's line.
-    Given a place, it goes on to uvicorn as any request, placed (``PLACED`` in its scope); else
+    Given a place, it goes on to uvicorn as any request, placed (``PLACED_AT`` in its scope); else
     the protocol answers it 503 itself, with no uvicorn cycle. Under overload most requests
     are refused so (at 600 clients that retry at once, five in six for the torch service):
     each such refusal costs the worker no cycle, task, BentoML middleware (tracing spans, a
@@ -222,13 +225,15 @@ class FrontDoor:
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
         self.admission = worker_admission()
-        self.placed: tuple[float, float] | None = None  # (headers, place) of the request let in
+        self.headers_at = 0.0  # when the head of the connection's latest request arrived (the protocol's)
+        self.placed: float | None = None  # when the request let in got its place
         self._done: Callable[[tuple[int, str] | None], None] | None = None  # while one waits
         self._route = ""
         self._headers_at = 0.0
 
-    def holds(self, head: Any, done: Callable[[tuple[int, str] | None], None]) -> bool:
-        """Whether the request of this head (a bentos.server.DoorHead) waits here. If it does,
+    def holds(self, head: Any, headers_at: float, done: Callable[[tuple[int, str] | None], None]) -> bool:
+        """Whether the request of this head (a bentos.server.DoorHead, which arrived at
+        ``headers_at``, loop time) waits here. If it does,
         ``done`` is called once the wait ends (from the event loop, never from within this
         call): with None once it has its place, or with the status and message to refuse it with."""
         if head.method != b"POST" or not self.full():
@@ -241,7 +246,7 @@ class FrontDoor:
         if check is None or not check.acceptable({"headers": head.headers}):
             return False
         loop, admission = asyncio.get_running_loop(), self.admission
-        self._done, self._route, self._headers_at = done, route, loop.time()
+        self._done, self._route, self._headers_at = done, route, headers_at
         try:
             admission.queue_for_place(self._headers_at + admission.answer_within, self._settled)
         except RequestError as exc:  # too many wait already
@@ -271,7 +276,7 @@ class FrontDoor:
                 self.admission.leave()
             return
         if granted:
-            self.placed = (self._headers_at, asyncio.get_running_loop().time())
+            self.placed = asyncio.get_running_loop().time()
             done, self._done = self._done, None
             done(None)
         else:
@@ -285,11 +290,13 @@ class FrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         placed, self.placed = self.placed, None
+        scope[HEADERS_AT] = self.headers_at
         if placed is None:
             await self.app(scope, receive, send)
             return
+        scope[PLACED_AT] = placed
         try:
-            await self.app(dict(scope, **{PLACED: placed}), receive, send)
+            await self.app(scope, receive, send)
         finally:
             self.admission.leave()
 

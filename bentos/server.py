@@ -18,7 +18,9 @@ installed), and answers /readyz for itself. What the contract needs there and ne
   head, read here with h11's grammar (``door_head``); refused, it is answered and its body
   counted off here, with no uvicorn cycle, task or h11 work for it. Reads go into one
   buffer of the worker's (``_Reader``), a head's worth at a time while the worker is full,
-  so that such a body is only ever counted off in it, never copied out.
+  so that such a body is only ever counted off in it, never copied out. A request's
+  deadline counts from when its head reached the kernel (``received_ago``, asked just
+  before the read that takes it), not from when the worker got round to reading it.
 * ``WorkerBoard``: which workers have loaded their model, so any worker answers /readyz
   for the whole service (503 while one is missing, e.g. dead and being replaced).
 * The arbiter (``_patch_arbiter``): on SIGTERM it closes its copy of the listening socket
@@ -53,6 +55,7 @@ import select
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -82,6 +85,10 @@ SHUTDOWN_IDLE_SECONDS = 0.5
 LARGE_BODY_BYTES = 1 << 20
 # The most a Content-Length may say (docs/contract.md: a decimal number below 2^63).
 CONTENT_LENGTH_LIMIT = 1 << 63
+# struct tcp_info (linux/tcp.h): the offset of tcpi_last_data_recv, milliseconds since the
+# connection last received data, and how much of the struct to ask for to get it.
+_LAST_DATA_RECV = 52
+_TCP_INFO_BYTES = _LAST_DATA_RECV + 4
 # Wraps the app a worker's connections serve: bentos.http sets its FrontDoor (this module
 # does not import bentos.http, which imports it).
 front_door: Any = None
@@ -301,6 +308,22 @@ def reclaim_memory() -> None:
 RETRY_AFTER_HEADER = (b"retry-after", str(settings.RETRY_AFTER_SECONDS).encode())
 
 
+def received_ago(sock: Any) -> float | None:
+    """Seconds (to the kernel's clock tick) since the TCP socket ``sock`` last received
+    data, or None if it cannot tell (not TCP, not Linux). Asked before a read, while data
+    waits unread, it says how long the newest of that data has waited: no longer than the
+    oldest, so a deadline counted from it is never shortened by more than the wait. Once
+    the read has opened the receive window, the rest of a body floods in and the answer
+    is about 0."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES:
+        return None
+    return int.from_bytes(info[_LAST_DATA_RECV:_TCP_INFO_BYTES], sys.byteorder) / 1000
+
+
 def error_message(status: int, message: str, close: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """The contract's error answer: its headers and its ``{"error": message}`` body. Every 503
     says when to retry; ``close`` ends the connection after it."""
@@ -467,6 +490,10 @@ class ContractProtocol(H11Protocol):
         if self.door is not None:
             self.app = self.door
         self._raw: asyncio.Transport = None  # type: ignore[assignment]
+        self._socket: Any = None  # the connection's, to ask the kernel when data came (None: not TCP)
+        # When the bytes of the read being parsed reached the kernel, if that read was of a
+        # request head (read_into); else None, and a head in it counts from its parsing.
+        self._read_arrived_at: float | None = None
         self._head_since = 0.0  # when the wait for the current request head began
         self._timer: asyncio.TimerHandle | None = None  # header timeout, or the discard's deadline
         self._discard_left = 0  # > 0 while discarding a body answered early
@@ -484,6 +511,8 @@ class ContractProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
+        sock = transport.get_extra_info("socket")
+        self._socket = sock if sock is not None and received_ago(sock) is not None else None
         super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
         transport.set_protocol(_Reader(self))
         self._head_since = self.loop.time()
@@ -499,11 +528,21 @@ class ContractProtocol(H11Protocol):
         """Where the transport reads next (_Reader.get_buffer): while the worker is full and
         the connection awaits a request head, a head's worth (header_limit), so that the body
         of a request that waits at the front door stays in the kernel until it is let in (and
-        read) or refused (and counted off in the buffer, never copied out); else the whole buffer."""
+        read) or refused (and counted off in the buffer, never copied out); else the whole buffer.
+        A read that may hold a request head first asks the kernel how long ago what it will
+        read arrived (``_read_arrived_at``)."""
+        awaits_head = self.conn.their_state is h11.IDLE and not self._door_skip and not self._closing
+        self._read_arrived_at = self._arrival() if awaits_head else None
         door = self.door
-        if door is not None and not self._door_skip and self.conn.their_state is h11.IDLE and door.full():
+        if awaits_head and door is not None and door.full():
             return _READ_BUFFER[: self.header_limit]
         return _READ_BUFFER
+
+    def _arrival(self) -> float | None:
+        if self._socket is None:
+            return None
+        ago = received_ago(self._socket)
+        return None if ago is None else self.loop.time() - ago
 
     def have_read(self, size: int) -> None:
         """``size`` bytes have been read into the buffer (_Reader.buffer_updated)."""
@@ -550,7 +589,7 @@ class ContractProtocol(H11Protocol):
             return False
         end = data.find(b"\r\n\r\n", 0, self.header_limit)
         head = door_head(data[: end + 4]) if end >= 0 else None
-        if head is None or not self.door.holds(head, self._door_done):
+        if head is None or not self.door.holds(head, self._head_arrived_at(), self._door_done):
             return False
         self._unset_keepalive_if_required()
         self._cancel_timer()  # the header timeout: the head is in
@@ -645,8 +684,10 @@ class ContractProtocol(H11Protocol):
 
     def request_head(self, event: h11.Request) -> None:
         """A request's line and headers are in (called from h11's next_event): 400 or 431 if
-        they go past what h11 checks."""
+        they go past what h11 checks. Tells the front door when they arrived."""
         self._cancel_timer()
+        if self.door is not None:
+            self.door.headers_at = self._head_arrived_at()
         size = len(event.method) + len(event.target) + 13  # "M T HTTP/1.1\r\n" ... "\r\n"
         for name, value in event.headers:
             size += len(name) + len(value) + 4
@@ -655,6 +696,12 @@ class ContractProtocol(H11Protocol):
         # h11 enforces its limit only on a head still incomplete when data runs out.
         if size > self.header_limit:
             raise h11.RemoteProtocolError("request head too large", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+
+    def _head_arrived_at(self) -> float:
+        """When the head being parsed reached the kernel: that of the read it came in, if the
+        read was asked (a head pipelined behind a body, say, counts from now)."""
+        arrived_at = self._read_arrived_at
+        return self.loop.time() if arrived_at is None else arrived_at
 
     def _door_done(self, refusal: tuple[int, str] | None) -> None:
         """The wait at the front door is over: the request goes on to uvicorn, given to h11

@@ -811,10 +811,12 @@ class _Door:
         self.app = app
         self.done = None
         self.unplaced = False
+        self.headers_at = 0.0  # set by the protocol for each head h11 parses
+        self.held_headers_at = None  # the arrival of the head it holds
 
-    def holds(self, head, done) -> bool:
+    def holds(self, head, headers_at, done) -> bool:
         if head.method == b"POST":
-            self.done = done
+            self.done, self.held_headers_at = done, headers_at
         return head.method == b"POST"
 
     def full(self) -> bool:
@@ -1040,6 +1042,61 @@ def test_a_connection_reads_into_the_buffer_its_protocol_picks(monkeypatch, loop
     sizes = [len(buffer) for buffer in offered]
     assert sizes[0] == server.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, "a head's worth"
     assert len(server._READ_BUFFER) in sizes, "the body was counted off in whole-buffer reads"
+
+
+def test_the_kernel_says_how_long_unread_data_has_waited():
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        time.sleep(0.3)
+        accepted, _ = listener.accept()
+        with accepted:
+            assert 0.25 <= server.received_ago(accepted) < 5
+    left, right = socket.socketpair()
+    with left, right:
+        assert server.received_ago(left) is None, "not TCP"
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
+def test_a_requests_deadline_counts_from_its_heads_arrival_not_its_reading(monkeypatch, loop_factory):
+    """A head that waited unread in the kernel (here, while the event loop was blocked) is
+    dated to its arrival, whether the front door holds it or h11 parses it; a head that
+    comes after it on the connection is dated to its own."""
+    from uvicorn.server import ServerState
+
+    async def scenario():
+        called, protocols = [], []
+        config = _door_config(monkeypatch, called)
+
+        def connection():
+            protocols.append(server.ContractProtocol(config, ServerState(), {}))
+            return protocols[-1]
+
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(connection, "127.0.0.1", 0)
+        client = socket.create_connection(listener.sockets[0].getsockname())
+        client.setblocking(False)
+        sent_at = loop.time()
+        client.send(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        time.sleep(0.3)  # the loop reads nothing meanwhile
+        while not protocols or protocols[0].door.done is None:
+            await asyncio.sleep(0.01)
+        door = protocols[0].door
+        assert sent_at - 0.02 <= door.held_headers_at <= sent_at + 0.1, "held at the door"
+        door.done(None)
+        await _settle_tasks()
+        assert sent_at - 0.02 <= door.headers_at <= sent_at + 0.1, "parsed by h11 once let in"
+        await asyncio.sleep(0.3)
+        resent_at = loop.time()
+        client.send(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        while called != ["/predict", "/livez"]:
+            await asyncio.sleep(0.01)
+        assert resent_at - 0.02 <= door.headers_at <= resent_at + 0.1, "the next head, its own"
+        client.close()
+        listener.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 10))
 
 
 def test_a_request_at_the_front_door_when_the_worker_stops_is_answered_then_closed(monkeypatch):

@@ -138,7 +138,7 @@ def prepare_pixels(image: Image.Image) -> np.ndarray:
 # unparsed.
 QUEUE_CAPACITY = 64
 MAX_WAITING_REQUESTS = 1024
-# Every predict request is answered within this of its headers, or refused with 503: when it
+# Every predict request is answered within this of its headers' arrival, or refused with 503: when it
 # is still waiting for a place then, or when its run would end later (by the recent mean). A
 # freed place passes over a waiting request the QUEUE_CAPACITY runs ahead would make late.
 REQUEST_TIMEOUT_SECONDS = 2

@@ -24,6 +24,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 use crate::admission::{Admission, Permit, Refused};
+use crate::arrival;
 use crate::body::{self, BodyKind};
 use crate::error::AppError;
 use crate::infer::Inferencer;
@@ -292,7 +293,7 @@ async fn receive(
     kind: BodyKind,
 ) -> Result<Received, Refusal> {
     let limits = &state.limits;
-    let headers_at = Instant::now();
+    let headers_at = arrival::headers_arrived(req);
     let deadline = headers_at + limits.body_timeout;
     let mut payload = payload.into_inner();
     let declared = match body::check_headers(req.headers(), kind, limits.max_body_bytes) {

@@ -1,6 +1,7 @@
 //! The weather classifier service: see `main.rs` for how the parts are put together.
 
 pub mod admission;
+pub mod arrival;
 pub mod body;
 pub mod config;
 pub mod error;

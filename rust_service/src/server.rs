@@ -20,6 +20,7 @@ use actix_web::dev::Server;
 use actix_web::{web, HttpServer};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::arrival;
 use crate::http::{self, AppState};
 
 /// How the server treats connections, from `Config::server_options`.
@@ -73,6 +74,8 @@ pub fn bind(
         // request then (its handler future, and with it the job's reply, so that a worker
         // skips the job) rather than compute an answer nobody reads.
         .h1_allow_half_closed(false)
+        // When a connection's first request arrived, for its deadline (arrival.rs).
+        .on_connect(arrival::remember)
         .shutdown_timeout(options.graceful_timeout.as_secs())
         .shutdown_signal(stopping)
         .bind(addr)?;

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -23,6 +26,29 @@ def send_signal(running: Running, sig: signal.Signals) -> None:
         subprocess.run(["docker", "kill", "--signal", sig.name, running.id], check=True, capture_output=True)
     else:
         raise TypeError(f"cannot signal a {type(running).__name__}")
+
+
+@contextlib.contextmanager
+def frozen(running: Running) -> Iterator[None]:
+    """The service's processes stopped (SIGSTOP, or ``docker pause``) for the block, then let
+    go on: meanwhile the kernel still accepts its connections and takes in what clients send."""
+    if isinstance(running, Container):
+        subprocess.run(["docker", "pause", running.id], check=True, capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["docker", "unpause", running.id], check=True, capture_output=True)
+        return
+    pids = running.pids()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def wait_exit(running: Running, timeout_s: float) -> float | None:

@@ -13,7 +13,7 @@ import pytest
 
 from weather.endpoints import ENDPOINTS
 
-from . import rawhttp
+from . import control, rawhttp
 from .observe import metrics, predict_total, wait_idle
 from .policy import check_busy, prediction_problem
 
@@ -149,6 +149,54 @@ def test_requests_that_cannot_start_in_time_get_503(service, heavy, cost_s):
             # Answered by the deadline; slack for a mean run time that is still learning the
             # heavy image's cost, and for a shared machine.
             assert took <= deadline_s + heavy_cost_s + 0.5, f"served after {took:.2f} s: {summary}"
+
+
+def test_the_deadline_counts_from_the_headers_arrival_not_their_reading(service, photo):
+    """While the service is stopped (SIGSTOP, or ``docker pause``: as a busy or descheduled server
+    reads nothing), the kernel takes in two requests: one REQUEST_TIMEOUT_SECONDS and more before
+    the service goes on, one just before. The first has spent its deadline waiting unread and gets
+    503 with Retry-After; the second is served."""
+    if service.running is None:
+        pytest.skip("a service started elsewhere cannot be stopped from here")
+    deadline_s = service.policy.REQUEST_TIMEOUT_SECONDS
+    wait_idle(service.port)
+    data = rawhttp.raw_post(service.port, photo)
+    for _ in range(8):  # runs of the photo's cost make the worker's expected run time
+        with rawhttp.connect(service.port) as sock:
+            sock.sendall(data)
+            assert rawhttp.read_response(sock, timeout_s=30).status == 200
+    outcomes = {name: rawhttp.Outcome("raw", 0.0) for name in ("early", "late")}
+
+    def exchange(sock: socket.socket, outcome: rawhttp.Outcome) -> None:
+        try:
+            sock.sendall(data)  # (it may block until the service reads: the head is in by then)
+            outcome.response = rawhttp.read_response(sock, timeout_s=30)
+        except (OSError, rawhttp.Failure) as exc:
+            outcome.failure = rawhttp.failure(exc)
+        finally:
+            sock.close()
+
+    threads = []
+    with control.frozen(service.running):
+        # Connected while stopped: the header timeout starts only once the service accepts.
+        for name, wait_s in (("early", deadline_s + 0.3), ("late", 0.1)):
+            sock = rawhttp.connect(service.port)
+            outcomes[name].sent_at = time.monotonic()
+            threads.append(threading.Thread(target=exchange, args=(sock, outcomes[name]), daemon=True))
+            threads[-1].start()
+            time.sleep(wait_s)
+    for thread in threads:
+        thread.join(60)
+
+    summary = {
+        name: (o.response.status, o.response.body[:200]) if o.response else o.failure for name, o in outcomes.items()
+    }
+    early, late = outcomes["early"].response, outcomes["late"].response
+    assert early is not None, summary
+    assert late is not None, summary
+    check_busy(early, service.policy)
+    assert late.status == 200, summary
+    assert prediction_problem(late.body) is None
 
 
 def test_a_request_whose_client_has_gone_is_not_run(own_service, spare, medium, photo, cost_s):
