@@ -52,6 +52,7 @@ def test_overload_starts_at_the_full_queue_or_the_deadline():
 
 def test_report_marks_the_target():
     run = {"users": 40, "useful_rps": 95.0, "useful_rps_vs_peak": 0.95, "share_503": 0.5, "connection_errors": 0}
+    run.update(unloaded_users=4, unloaded_rps_before_after=[98.0, 102.0])
     run.update(p50_ms_accepted=300.0, p99_ms_accepted=1900.0, kinds={"ok": 10, "busy": 10}, meets_target=True)
     results = {
         "setup": {
@@ -70,10 +71,51 @@ def test_report_marks_the_target():
         },
     }
     table = markdown(results)
-    assert "| rust | 40 | 95.0 | 0.95 | 50.0% | 300 / 1,900 | 0 | — | yes |" in table
-    assert "| rust | 40 | 95.0 | 0.50 |" in table
+    assert "| rust | 40 | 95.0 | 98.0 / 102.0 (4 users) | 0.95 | 50.0% | 300 / 1,900 | 0 | — | yes |" in table
+    assert "| rust | 40 | 95.0 | 98.0 / 102.0 (4 users) | 0.50 |" in table
     assert table.count("| no |") == 1
     assert "failed: did not start" in table
+
+
+def test_each_overload_run_is_compared_with_the_unloaded_runs_around_it(tmp_path, monkeypatch):
+    """Unloaded, overloaded, unloaded, overloaded, unloaded: each overload run's ratio is to the
+    mean of the unloaded runs either side, made at the concurrency of the sweep's best."""
+    from benchmark import overload
+
+    calls = []
+    rps = iter([80.0, 85.0, 90.0, 60.0, 100.0])  # in the order of the runs
+
+    def fake_locust(port, users, seconds, settings, image_path, prefix):
+        calls.append((users, seconds))
+        return {"useful_rps": next(rps), "share_503": 0.0, "p99_ms_accepted": 900.0, "connection_errors": 0}
+
+    class NoSampler:
+        def __init__(self, running) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def summary(self) -> dict:
+            return {}
+
+    monkeypatch.setattr(overload, "run_locust", fake_locust)
+    monkeypatch.setattr(overload, "ResourceSampler", NoSampler)
+    settings = OverloadSettings(mode="process", services=[], duration_s=30, env={"REQUEST_TIMEOUT_SECONDS": "2"})
+    peak = {"users": 4, "best_users": 8, "useful_rps": 120.0}
+    runs = overload.overload_runs(type("R", (), {"port": 1})(), peak, settings, tmp_path, tmp_path, "rust")
+
+    assert calls == [(8, 30), (20, 30), (8, 30), (80, 30), (8, 30)]
+    assert [run["users"] for run in runs] == [20, 80]
+    assert [run["unloaded_rps_before_after"] for run in runs] == [[80.0, 90.0], [90.0, 100.0]]
+    assert [run["useful_rps_vs_peak"] for run in runs] == [
+        pytest.approx(1.0),
+        pytest.approx(60 / 95, abs=1e-3),
+    ]
+    assert [run["meets_target"] for run in runs] == [True, False]
 
 
 @pytest.mark.parametrize("name", ["onnx", "rust"])
