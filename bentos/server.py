@@ -539,10 +539,13 @@ class ContractProtocol(H11Protocol):
         return _READ_BUFFER
 
     def _arrival(self) -> float | None:
+        """When what the next read takes arrived, in loop time, if the kernel can tell. From the
+        clock, not loop.time(): uvloop's is the time its current iteration began, which at
+        hundreds of connections is long past by the last of their reads."""
         if self._socket is None:
             return None
         ago = received_ago(self._socket)
-        return None if ago is None else self.loop.time() - ago
+        return None if ago is None else time.monotonic() - ago
 
     def have_read(self, size: int) -> None:
         """``size`` bytes have been read into the buffer (_Reader.buffer_updated)."""

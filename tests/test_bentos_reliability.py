@@ -863,6 +863,21 @@ async def _connection(monkeypatch) -> tuple[server.ContractProtocol, _Transport,
     return protocol, transport, called
 
 
+async def _listening(monkeypatch) -> tuple[asyncio.Server, list[server.ContractProtocol], list]:
+    """A listener on 127.0.0.1 whose connections are ContractProtocols (see _door_config), in
+    the order they came."""
+    from uvicorn.server import ServerState
+
+    called, protocols = [], []
+    config = _door_config(monkeypatch, called)
+
+    def connection():
+        protocols.append(server.ContractProtocol(config, ServerState(), {}))
+        return protocols[-1]
+
+    return await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0), protocols, called
+
+
 async def _settle_tasks() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -1001,7 +1016,6 @@ def test_a_connection_reads_into_the_buffer_its_protocol_picks(monkeypatch, loop
     read goes where ``read_into`` says. With the worker full (the _Door always is), that is a
     head's worth while a head is awaited, and the whole buffer while a body refused at the door
     is counted off; then the next request on the connection is served."""
-    from uvicorn.server import ServerState
 
     offered = []  # the buffers read_into gave
     read_into = server.ContractProtocol.read_into
@@ -1013,14 +1027,7 @@ def test_a_connection_reads_into_the_buffer_its_protocol_picks(monkeypatch, loop
     monkeypatch.setattr(server.ContractProtocol, "read_into", recorded)
 
     async def scenario():
-        called, protocols = [], []
-        config = _door_config(monkeypatch, called)
-
-        def connection():
-            protocols.append(server.ContractProtocol(config, ServerState(), {}))
-            return protocols[-1]
-
-        listener = await asyncio.get_running_loop().create_server(connection, "127.0.0.1", 0)
+        listener, protocols, called = await _listening(monkeypatch)
         reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname())
         body = b"x" * 600_000
         writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
@@ -1062,18 +1069,10 @@ def test_a_requests_deadline_counts_from_its_heads_arrival_not_its_reading(monke
     """A head that waited unread in the kernel (here, while the event loop was blocked) is
     dated to its arrival, whether the front door holds it or h11 parses it; a head that
     comes after it on the connection is dated to its own."""
-    from uvicorn.server import ServerState
 
     async def scenario():
-        called, protocols = [], []
-        config = _door_config(monkeypatch, called)
-
-        def connection():
-            protocols.append(server.ContractProtocol(config, ServerState(), {}))
-            return protocols[-1]
-
+        listener, protocols, called = await _listening(monkeypatch)
         loop = asyncio.get_running_loop()
-        listener = await loop.create_server(connection, "127.0.0.1", 0)
         client = socket.create_connection(listener.sockets[0].getsockname())
         client.setblocking(False)
         sent_at = loop.time()
