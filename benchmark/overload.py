@@ -208,12 +208,13 @@ def find_peak(running: Running, settings: OverloadSettings, image_path: Path, ou
             before = max(step["useful_rps"] for step in sweep[:-2])
             if max(step["useful_rps"] for step in sweep[-2:]) < before * (1 + PEAK_TOLERANCE):
                 break  # two more steps of concurrency did not help
-    best = max(step["useful_rps"] for step in sweep)
+    best_step = max(sweep, key=lambda step: step["useful_rps"])
+    best = best_step["useful_rps"]
     saturating = next(step for step in sweep if step["useful_rps"] >= best * (1 - PEAK_TOLERANCE))
     found = {
         "users": saturating["users"],
         "useful_rps": best,
-        "best_users": next(step["users"] for step in sweep if step["useful_rps"] == best),
+        "best_users": best_step["users"],
         **overload_onset(best, settings),
         "sweep": sweep,
     }

@@ -225,11 +225,12 @@ class FrontDoor:
     def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
         self.app = app
         self.admission = worker_admission()
-        self.headers_at = 0.0  # when the head of the connection's latest request arrived (the protocol's)
+        # When the head of the connection's latest request arrived: given to holds(), else set
+        # by the protocol once h11 has parsed it.
+        self.headers_at = 0.0
         self.placed: float | None = None  # when the request let in got its place
         self._done: Callable[[tuple[int, str] | None], None] | None = None  # while one waits
         self._route = ""
-        self._headers_at = 0.0
 
     def holds(self, head: Any, headers_at: float, done: Callable[[tuple[int, str] | None], None]) -> bool:
         """Whether the request of this head (a bentos.server.DoorHead, which arrived at
@@ -246,9 +247,9 @@ class FrontDoor:
         if check is None or not check.acceptable({"headers": head.headers}):
             return False
         loop, admission = asyncio.get_running_loop(), self.admission
-        self._done, self._route, self._headers_at = done, route, headers_at
+        self._done, self._route, self.headers_at = done, route, headers_at
         try:
-            admission.queue_for_place(self._headers_at + admission.answer_within, self._settled)
+            admission.queue_for_place(headers_at + admission.answer_within, self._settled)
         except RequestError as exc:  # too many wait already
             loop.call_soon(self._refuse, exc.status, exc.message)
         return True
@@ -286,7 +287,7 @@ class FrontDoor:
         done, self._done = self._done, None
         if done is not None:
             done((status, message))
-            _count_in_bentoml_metrics(self.app, self._route, status, self._headers_at)
+            _count_in_bentoml_metrics(self.app, self._route, status, self.headers_at)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         placed, self.placed = self.placed, None

@@ -89,6 +89,8 @@ CONTENT_LENGTH_LIMIT = 1 << 63
 # connection last received data, and how much of the struct to ask for to get it.
 _LAST_DATA_RECV = 52
 _TCP_INFO_BYTES = _LAST_DATA_RECV + 4
+# The sockets received_ago can ask about (none where the platform has no TCP_INFO).
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6) if hasattr(socket, "TCP_INFO") else ()
 # Wraps the app a worker's connections serve: bentos.http sets its FrontDoor (this module
 # does not import bentos.http, which imports it).
 front_door: Any = None
@@ -512,7 +514,7 @@ class ContractProtocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw = transport
         sock = transport.get_extra_info("socket")
-        self._socket = sock if sock is not None and received_ago(sock) is not None else None
+        self._socket = sock if sock is not None and sock.family in _TCP_FAMILIES else None
         super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
         transport.set_protocol(_Reader(self))
         self._head_since = self.loop.time()
